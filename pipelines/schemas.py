@@ -1,0 +1,87 @@
+"""Data contracts: one pandera model per stage boundary, declared once, checked by the stage that
+writes the data and exposed again as Dagster asset checks (assets/checks.py).
+
+Row schema shared by every stage from ingest on (one JSON object per line):
+    id        stable row id (hex)                  source  file the row came from (relative path)
+    line      1-based line (or record) in source   format  detected raw format (alpaca, sharegpt, ...)
+    messages  [{"role": ..., "content": ...}]      tools   JSON string of tool schemas, or null
+    meta      any other fields of the raw row (e.g. category), kept for stratification and reports
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """Why `messages` is not a trainable conversation, or None when it is."""
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content"}:
+            return f"message {i} must be an object with only 'role' and 'content'"
+        if m.get("role") not in ROLES:
+            return f"message {i} has role {m.get('role')!r}; allowed: {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} content must be a string, got {type(m.get('content')).__name__}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "conversation has no assistant message to learn from"
+    if messages[-1]["role"] != "assistant":
+        return "conversation must end with an assistant message"
+    return None
+
+
+class ConversationSchema(pa.DataFrameModel):
+    """Rows after ingest and after cleaning."""
+
+    id: Series[str] = pa.Field(unique=True, description="Stable row id (hex digest).")
+    source: Series[str] = pa.Field(description="Raw file the row came from, relative to the project.")
+    line: Series[int] = pa.Field(ge=1, description="1-based line or record number in the source file.")
+    format: Series[str] = pa.Field(description="Detected raw format of the row.")
+    messages: Series[object] = pa.Field(description="List of {role, content}; ends with an assistant turn.")
+
+    @pa.check("messages", element_wise=True, error="messages must be a valid conversation")
+    def _valid_conversation(cls, messages: Any) -> bool:
+        return conversation_problem(messages) is None
+
+    class Config:
+        strict = False  # tools / meta columns are optional and free-form
+        coerce = False
+
+
+class FormattedSchema(ConversationSchema):
+    """Rows rendered with the chat template: what the trainer consumes."""
+
+    n_tokens: Series[int] = pa.Field(ge=1, description="Tokens of the rendered conversation (template included).")
+    n_completion_tokens: Series[int] = pa.Field(ge=1, description="Tokens the loss is computed on (EOS included).")
+    truncated: Series[bool] = pa.Field(description="True if the prompt side was cut to fit max_length.")
+
+    @pa.dataframe_check(error="n_completion_tokens must not exceed n_tokens")
+    def _completion_within_total(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["n_completion_tokens"] <= df["n_tokens"]
+
+
+class SplitSchema(FormattedSchema):
+    """One split file (train, validation or test)."""
+
+    group: Series[str] = pa.Field(description="Near-duplicate group; a group lives in exactly one split.")
+
+
+def frame(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:
+    """Rows as a DataFrame for validation (object columns keep nested lists intact)."""
+    return pd.DataFrame.from_records(rows, columns=columns)
+
+
+def validate(schema: type[pa.DataFrameModel], rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Validate rows against `schema` (lazy: every failure is collected); raises pandera's SchemaErrors."""
+    if not rows:
+        columns = schema.to_schema().columns
+        empty = {name: pd.Series(dtype=col.dtype.type if col.dtype else object) for name, col in columns.items()}
+        return schema.validate(pd.DataFrame(empty), lazy=True)
+    return schema.validate(frame(rows), lazy=True)

@@ -87,7 +87,10 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], *, tools: str
     text, spans = assistant_spans(tokenizer, messages, tools=tools, only_last=only_last)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = []
+    k = 0  # spans and token offsets are both in text order: one pass over each
     for start, end in enc["offset_mapping"]:
-        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        inside = k < len(spans) and spans[k][0] <= start and end <= spans[k][1] and end > start
         mask.append(1 if inside else 0)
     return TokenizedConversation(list(enc["input_ids"]), mask, text)

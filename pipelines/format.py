@@ -1,0 +1,395 @@
+"""Format stage: render every cleaned conversation with the base model's chat template and apply the length policy.
+
+    python -m pipelines format [--params params.yaml]
+
+Reads `cleaned/examples.jsonl`, tokenises each row with `pipelines.chat.tokenize_conversation` (the one
+place that decides tokens and the assistant loss mask), and writes `formatted/`:
+    dataset.jsonl     the row + n_tokens, n_completion_tokens, truncated (+ prompt, completion strings
+                      when format.output == prompt_completion)
+    quarantine.jsonl  rows that cannot be trained on (overlong, no completion tokens, template failure)
+    report.json       counts, token-length statistics and a histogram of n_tokens
+
+Rows longer than format.max_length are dropped (quarantined) or, with overlong: truncate, their prompt
+side is shortened: whole early exchanges go first, then the final user message loses text from its
+start. The final assistant answer and its end-of-turn token are never cut.
+
+n_completion_tokens counts the tokens the loss is computed on: every assistant turn for `messages`
+output, the last assistant turn only for `prompt_completion` output (what a completion-only loss sees).
+
+Rows are streamed in chunks and tokenised by a pool of worker processes, so memory stays flat and a
+1M-row file uses every core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandera.errors
+
+from pipelines.chat import Message, TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
+from pipelines.config import FormatConfig, Params
+from pipelines.io import StageError, StageResult, atomic_dir, require, write_json
+from pipelines.schemas import FormattedSchema, conversation_problem, validate
+
+log = logging.getLogger(__name__)
+
+STAGE = "format"
+CHUNK_ROWS = 1024  # rows per worker task: large enough to amortise IPC, small enough to keep memory flat
+HISTOGRAM_BINS = 16  # equal-width bins over [0, max_length] tokens, fixed so runs are comparable
+# Chat templates signal unrenderable conversations with these (raise_exception -> jinja2.TemplateError;
+# tools that are not JSON -> ValueError).
+_RENDER_ERRORS = (TemplateError, jinja2.TemplateError, ValueError)
+
+
+@dataclass
+class FormatResult:
+    """Formatted rows, quarantined rows and how many rows the length policy touched."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0  # rows whose prompt side was shortened to fit max_length
+    dropped: int = 0  # overlong rows quarantined (policy drop, or the answer alone does not fit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure transforms
+# --------------------------------------------------------------------------------------------------
+
+
+def _excerpt(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return str(messages)[:200]
+    parts = [f"{m.get('role')}: {m.get('content')}" for m in messages if isinstance(m, dict)]
+    return " | ".join(parts)[:200]
+
+
+def _quarantine(row: dict[str, Any], rule: str, reason: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": row.get("id"), "source": row.get("source"), "line": row.get("line"), "stage": STAGE,
+        "rule": rule, "reason": reason, "excerpt": _excerpt(row.get("messages")), **extra,
+    }
+
+
+def _early_blocks(messages: list[Message], last_user: int) -> list[list[int]]:
+    """Indices of the non-system turns before the final user message, grouped into exchanges.
+
+    An exchange starts at a user turn and runs to the next one, so dropping whole exchanges keeps
+    the user/assistant alternation that strict templates (Mistral, Gemma) insist on.
+    """
+    blocks: list[list[int]] = []
+    for i in range(last_user):
+        if messages[i]["role"] == "system":
+            continue
+        if not blocks or messages[i]["role"] == "user":
+            blocks.append([])
+        blocks[-1].append(i)
+    return blocks
+
+
+def truncate_prompt(tokenizer: Any, messages: list[Message], *, tools: str | list | None, max_length: int,
+                    only_last: bool = False) -> tuple[list[Message], TokenizedConversation] | None:
+    """Shorten the prompt side until the conversation fits `max_length` tokens, or None if it cannot.
+
+    System messages, the turns after the final user message (tool calls and results) and the final
+    assistant answer are kept verbatim; first whole early exchanges are dropped (as few as needed,
+    found by bisection), then text is cut from the start of the final user message.
+    """
+    users = [i for i, m in enumerate(messages[:-1]) if m["role"] == "user"]
+    if not users:
+        return None
+    last_user = users[-1]
+    blocks = _early_blocks(messages, last_user)
+
+    def without(k: int) -> list[Message]:
+        gone = {i for block in blocks[:k] for i in block}
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    cache: dict[int, TokenizedConversation] = {}
+
+    def tokens(k: int) -> TokenizedConversation:
+        if k not in cache:
+            cache[k] = tokenize_conversation(tokenizer, without(k), tools=tools, only_last=only_last)
+        return cache[k]
+
+    if blocks and tokens(len(blocks)).n_tokens <= max_length:
+        lo, hi = 1, len(blocks)  # smallest number of dropped exchanges that fits; fits(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tokens(mid).n_tokens <= max_length:
+                hi = mid
+            else:
+                lo = mid + 1
+        return without(hi), tokens(hi)
+    return _cut_final_user(tokenizer, without(len(blocks)), tokens(len(blocks)), tools=tools,
+                           max_length=max_length, only_last=only_last)
+
+
+def _cut_final_user(tokenizer: Any, messages: list[Message], tc: TokenizedConversation, *,
+                    tools: str | list | None, max_length: int,
+                    only_last: bool) -> tuple[list[Message], TokenizedConversation] | None:
+    """Drop tokens from the start of the final user message until the conversation fits."""
+    u = max(i for i, m in enumerate(messages[:-1]) if m["role"] == "user")
+    messages = [dict(m) for m in messages]
+    # Tokens merge differently in context than alone, so one cut may leave a token or two too many;
+    # each pass removes at least the remaining excess, so a handful of passes always suffices.
+    for _ in range(16):
+        excess = tc.n_tokens - max_length
+        if excess <= 0:
+            return messages, tc
+        content = messages[u]["content"]
+        offsets = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if excess >= len(offsets):
+            return None  # even an empty final user message leaves the row too long
+        messages[u]["content"] = content[max(offsets[excess][0], 1):]
+        tc = tokenize_conversation(tokenizer, messages, tools=tools, only_last=only_last)
+    return None
+
+
+def format_row(row: dict[str, Any], tokenizer: Any,
+               cfg: FormatConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """One row -> (formatted row, None) or (None, quarantine record)."""
+    messages = row.get("messages")
+    problem = conversation_problem(messages)
+    if problem is not None:
+        return None, _quarantine(row, "invalid_conversation", problem)
+    tools = row.get("tools")
+    only_last = cfg.output == "prompt_completion"
+    truncated = False
+    try:
+        tc = tokenize_conversation(tokenizer, messages, tools=tools, only_last=only_last)
+        if tc.n_completion_tokens == 0:
+            return None, _quarantine(row, "no_completion", "no assistant token is left to train on after tokenisation")
+        if tc.n_tokens > cfg.max_length:
+            fitted = None
+            if cfg.overlong == "truncate":
+                fitted = truncate_prompt(tokenizer, messages, tools=tools, max_length=cfg.max_length,
+                                         only_last=only_last)
+            if fitted is None:
+                why = "overlong policy is 'drop'" if cfg.overlong == "drop" else "the answer alone does not fit"
+                return None, _quarantine(
+                    row, "overlong", f"{tc.n_tokens} tokens > format.max_length {cfg.max_length} ({why})",
+                    n_tokens=tc.n_tokens,
+                )
+            messages, tc = fitted
+            truncated = True
+        out = {**row, "messages": messages, "n_tokens": tc.n_tokens,
+               "n_completion_tokens": tc.n_completion_tokens, "truncated": truncated}
+        if only_last:
+            prompt = render_prompt(tokenizer, messages, tools=tools)
+            if not tc.text.startswith(prompt):
+                raise TemplateError("the rendered prompt is not a prefix of the rendered conversation")
+            out["prompt"], out["completion"] = prompt, tc.text[len(prompt):]
+    except _RENDER_ERRORS as exc:
+        return None, _quarantine(row, "template", f"chat template cannot render this row: {exc}")
+    return out, None
+
+
+def format_rows(rows: Iterable[dict[str, Any]], tokenizer: Any, cfg: FormatConfig) -> FormatResult:
+    """Tokenise rows with the chat template and apply the length policy (pure: no file I/O)."""
+    result = FormatResult()
+    for row in rows:
+        out, bad = format_row(row, tokenizer, cfg)
+        if out is not None:
+            result.rows.append(out)
+            result.truncated += out["truncated"]
+        else:
+            result.quarantine.append(bad)
+            result.dropped += bad["rule"] == "overlong"
+    return result
+
+
+def token_stats(values: np.ndarray) -> dict[str, float]:
+    """min / mean / p50 / p95 / max of a token-count array (zeros when empty)."""
+    if values.size == 0:
+        return {"min": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+    p50, p95 = np.percentile(values, [50, 95])
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 2), "p50": round(float(p50), 2),
+            "p95": round(float(p95), 2), "max": int(values.max())}
+
+
+def token_histogram(values: np.ndarray, max_length: int, bins: int = HISTOGRAM_BINS) -> dict[str, list[int]]:
+    """Counts of n_tokens in equal-width bins over [0, max_length] (plot-ready: edges has one more entry)."""
+    edges = np.unique(np.linspace(0, max_length, bins + 1).round().astype(int))
+    counts, _ = np.histogram(values, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: streaming I/O, worker pool, validation, report
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    """The base model's tokenizer; a StageError when it is missing or cannot render chats."""
+    from transformers import AutoTokenizer  # heavy import, only when the stage runs
+
+    require(folder, "fetch-model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"cannot load a tokenizer from '{folder}' ({exc}); re-run 'python -m pipelines fetch-model'"
+        ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError(
+            f"the tokenizer in '{folder}' has no chat template; use an instruct/chat base model (model.name) "
+            "or add 'chat_template' to its tokenizer_config.json"
+        )
+    return tokenizer
+
+
+def _schema_problem(rows: list[dict[str, Any]]) -> str | None:
+    try:
+        validate(FormattedSchema, rows)
+    except pandera.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+        first = cases.iloc[0]
+        return (f"{len(cases)} failure(s) of FormattedSchema, first: column {first['column']!r}, "
+                f"check {first['check']!r}, value {str(first['failure_case'])[:80]!r}")
+    return None
+
+
+@dataclass
+class _Chunk:
+    """What a worker sends back for one chunk: ready-to-write JSONL text and the figures for the report."""
+
+    data: str  # JSONL lines of the formatted rows
+    quarantine: str  # JSONL lines of the quarantined rows
+    ids: list[str]
+    n_tokens: list[int]
+    n_completion: list[int]
+    rules: Counter[str]
+    truncated: int
+    dropped: int
+    problem: str | None  # FormattedSchema failure, or None
+
+
+# Set in each worker process (fork inherits it; the pool's initializer sets it otherwise).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, cfg: FormatConfig) -> None:
+    _WORKER["tokenizer"], _WORKER["cfg"] = tokenizer, cfg
+
+
+def _format_chunk(lines: list[str]) -> _Chunk:
+    """Worker task: parse, format, validate and serialise one chunk of JSONL lines.
+
+    Workers take raw lines and return JSONL text, so the parent only moves strings: JSON parsing,
+    tokenising, validation and serialisation all run in parallel.
+    """
+    result = format_rows(map(json.loads, lines), _WORKER["tokenizer"], _WORKER["cfg"])
+    rows = result.rows
+    return _Chunk(
+        data="".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        quarantine="".join(json.dumps(q, ensure_ascii=False, default=str) + "\n" for q in result.quarantine),
+        ids=[r["id"] for r in rows], n_tokens=[r["n_tokens"] for r in rows],
+        n_completion=[r["n_completion_tokens"] for r in rows], rules=Counter(q["rule"] for q in result.quarantine),
+        truncated=result.truncated, dropped=result.dropped, problem=_schema_problem(rows) if rows else None,
+    )
+
+
+def _line_chunks(path: Path, size: int) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8") as fh:
+        lines = (line for line in fh if line.strip())
+        while chunk := list(islice(lines, size)):
+            yield chunk
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _formatted_chunks(path: Path, tokenizer: Any, cfg: FormatConfig, workers: int) -> Iterator[_Chunk]:
+    """Every chunk of `path`, formatted, in input order; a pool of `workers` processes once there are two chunks."""
+    chunks = _line_chunks(path, CHUNK_ROWS)
+    head = list(islice(chunks, 2))
+    _init_worker(tokenizer, cfg)
+    if len(head) < 2 or workers <= 1:
+        for chunk in chain(head, chunks):
+            yield _format_chunk(chunk)
+        return
+    # fork: workers start in milliseconds and inherit the loaded tokenizer; spawn would re-import transformers.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(tokenizer, cfg)) as pool:
+        for chunk in chain(head, chunks):
+            pending.append(pool.submit(_format_chunk, chunk))
+            if len(pending) >= 2 * workers:  # bounded window: memory stays a few chunks per worker
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def run(params: Params, *, workers: int | None = None) -> StageResult:
+    """Format cleaned/examples.jsonl into formatted/ (see the module docstring); workers=None uses every core."""
+    started = time.perf_counter()
+    cfg = params.format
+    source = require(params.path("cleaned") / "examples.jsonl", "clean")
+    tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
+    n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data
+    rules: Counter[str] = Counter()
+    seen_ids: set[str] = set()
+    truncated = dropped = 0
+    out_dir = params.path("formatted")
+    with atomic_dir(out_dir) as tmp:
+        with open(tmp / "dataset.jsonl", "w", encoding="utf-8") as data_fh, \
+                open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_fh:
+            for chunk in _formatted_chunks(source, tokenizer, cfg, workers or _usable_cpus()):
+                for row_id in chunk.ids:  # ids unique across chunks; the schema sees one chunk at a time
+                    if row_id in seen_ids:
+                        raise StageError(f"'{source}' has the id {row_id!r} twice; re-run the clean stage")
+                    seen_ids.add(row_id)
+                if chunk.problem:
+                    raise StageError(f"formatted rows from '{source}' break the data contract: {chunk.problem}; "
+                                     "this is a bug in the format stage, please report it")
+                data_fh.write(chunk.data)
+                quarantine_fh.write(chunk.quarantine)
+                n_tokens.extend(chunk.n_tokens)
+                n_completion.extend(chunk.n_completion)
+                rules.update(chunk.rules)
+                truncated += chunk.truncated
+                dropped += chunk.dropped
+        lengths, completions = np.asarray(n_tokens, dtype=np.int64), np.asarray(n_completion, dtype=np.int64)
+        rows_in = len(lengths) + sum(rules.values())
+        seconds = time.perf_counter() - started
+        report = {
+            "rows_in": rows_in, "rows_out": len(lengths), "quarantined": sum(rules.values()),
+            "quarantine_by_rule": dict(sorted(rules.items())), "truncated": truncated, "overlong_dropped": dropped,
+            "output": cfg.output, "max_length": cfg.max_length, "overlong_policy": cfg.overlong,
+            "tokens_total": int(lengths.sum()), "completion_tokens_total": int(completions.sum()),
+            "n_tokens": token_stats(lengths), "n_completion_tokens": token_stats(completions),
+            "token_histogram": token_histogram(lengths, cfg.max_length),
+            "seconds": round(seconds, 2), "rows_per_second": round(rows_in / seconds, 1) if seconds else 0.0,
+        }
+        write_json(tmp / "report.json", report)
+    if rows_in and not len(lengths):
+        raise StageError(f"no row of '{source}' survived formatting (see {out_dir / 'quarantine.jsonl'}); "
+                         "raise format.max_length or set format.overlong: truncate")
+    log.info("formatted %d of %d rows (%d truncated, %d quarantined) in %.1fs",
+             len(lengths), rows_in, truncated, report["quarantined"], seconds)
+    metrics = {k: v for k, v in report.items() if k not in ("n_tokens", "n_completion_tokens")}
+    metrics.update({f"n_tokens_{k}": v for k, v in report["n_tokens"].items()})
+    return StageResult(
+        stage=STAGE,
+        outputs={name: out_dir / name for name in ("dataset.jsonl", "quarantine.jsonl", "report.json")},
+        metrics=metrics,
+    )

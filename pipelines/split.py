@@ -1,0 +1,220 @@
+"""Split stage: a deterministic train/validation/test split in which near duplicates never straddle splits.
+
+    python -m pipelines split [--params params.yaml]
+
+Reads `formatted/dataset.jsonl` and writes `splits/{train,validation,test}.jsonl` (the formatted rows
++ "group") and `splits/report.json` (rows and groups per split and per stratum, and a leakage check).
+
+How rows are assigned, so that the same data and seed always give the same split, whatever the order
+of the input rows:
+1. Rows are grouped: identical conversation texts (pipelines.dedup.exact_key) share a group, and so do
+   near duplicates (pipelines.dedup.cluster at split.group_threshold, connected components). The
+   distinct texts are clustered in exact_key order, so grouping does not see the input order either.
+2. A group's key is the smallest exact_key of its members, a content hash.
+3. Groups are ordered by sha256(seed, group key) - a seeded shuffle that is a pure function of content -
+   and cut at the cumulative split ratios by row count (a group goes where its middle row falls), within
+   each stratum when split.stratify_by is set (a group's stratum is its members' most common value).
+4. Rows are written sorted by id, so even the files are byte-identical for shuffled input.
+
+The leakage check (also the blocking Dagster asset check) counts exact duplicates and near duplicates
+(Jaccard >= clean.near_dup_threshold) that sit in different splits; it is zero by construction as long
+as split.group_threshold <= clean.near_dup_threshold, and the stage fails if it is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import pandera.errors
+
+from pipelines.config import Params, SplitConfig
+from pipelines.dedup import cluster, conversation_text, exact_key, near_duplicate_pairs
+from pipelines.io import StageError, StageResult, atomic_dir, read_jsonl, require, write_json, write_jsonl
+from pipelines.schemas import SplitSchema, validate
+
+log = logging.getLogger(__name__)
+
+STAGE = "split"
+SPLITS = ("train", "validation", "test")
+MISSING = "(missing)"  # stratum of rows without the stratify_by field
+LEAK_EXAMPLES = 5  # example pairs kept in the leakage report
+
+
+def field_value(row: dict[str, Any], dotted: str) -> Any:
+    """row["meta"]["category"] for "meta.category"; None when any part is missing."""
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def stratum_of(row: dict[str, Any], dotted: str) -> str:
+    """The stratum label of a row: the field's value as a string (JSON for non-strings)."""
+    value = field_value(row, dotted)
+    if value is None:
+        return MISSING
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def group_keys(texts: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3) -> list[str]:
+    """The group key of each text: the smallest exact_key among its exact and near duplicates."""
+    keys = [exact_key(t) for t in texts]
+    distinct = sorted(set(keys))  # canonical order: grouping must not depend on the input order
+    text_of = dict(zip(keys, texts, strict=True))
+    labels = cluster([text_of[k] for k in distinct], threshold, num_perm=num_perm, shingle_size=shingle_size)
+    # cluster labels a group by its smallest index, which in sorted order is the smallest exact_key.
+    group_of = {k: distinct[label] for k, label in zip(distinct, labels, strict=True)}
+    return [group_of[k] for k in keys]
+
+
+def _rank(seed: int, group: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{group}".encode()).hexdigest()
+
+
+def assign_groups(sizes: dict[str, int], strata: dict[str, str], cfg: SplitConfig) -> dict[str, str]:
+    """Split name of each group: seeded order within each stratum, cut at cumulative ratios by row count."""
+    bounds = (cfg.train, cfg.train + cfg.validation)
+    by_stratum: dict[str, list[str]] = defaultdict(list)
+    for group in sizes:
+        by_stratum[strata[group]].append(group)
+    assigned: dict[str, str] = {}
+    for groups in by_stratum.values():
+        groups.sort(key=lambda g: _rank(cfg.seed, g))
+        total = sum(sizes[g] for g in groups)
+        seen = 0
+        for group in groups:
+            middle = (seen + sizes[group] / 2) / total  # where the group's middle row falls, in [0, 1]
+            assigned[group] = SPLITS[0] if middle < bounds[0] else SPLITS[1] if middle < bounds[1] else SPLITS[2]
+            seen += sizes[group]
+    return assigned
+
+
+def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int = 128,
+               shingle_size: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """Rows (+ "group") per split, each list sorted by id; a pure function of the rows' content and cfg."""
+    groups = group_keys([conversation_text(r) for r in rows], cfg.group_threshold, num_perm, shingle_size)
+    sizes = Counter(groups)
+    votes: dict[str, Counter[str]] = defaultdict(Counter)
+    for row, group in zip(rows, groups, strict=True):
+        votes[group][stratum_of(row, cfg.stratify_by) if cfg.stratify_by else ""] += 1
+    # most common value; ties go to the smallest value so the choice is deterministic
+    strata = {g: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for g, c in votes.items()}
+    split_of = assign_groups(dict(sizes), strata, cfg)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for row, group in zip(rows, groups, strict=True):
+        out[split_of[group]].append({**row, "group": group})
+    for name in SPLITS:
+        out[name].sort(key=lambda r: str(r["id"]))
+    return out
+
+
+def leakage(splits: dict[str, list[dict[str, Any]]], threshold: float, num_perm: int = 128,
+            shingle_size: int = 3) -> dict[str, Any]:
+    """Exact and near duplicates (Jaccard >= threshold) that sit in different splits, with a few examples."""
+    names, ids, texts = [], [], []
+    for name, rows in splits.items():
+        for row in rows:
+            names.append(name)
+            ids.append(row.get("id"))
+            texts.append(conversation_text(row))
+    keys = [exact_key(t) for t in texts]
+    splits_of_key: dict[str, set[str]] = defaultdict(set)
+    for key, name in zip(keys, names, strict=True):
+        splits_of_key[key].add(name)
+    exact = sum(len(s) > 1 for s in splits_of_key.values())
+    near = 0
+    examples: list[dict[str, Any]] = []
+    for i, j, jaccard in near_duplicate_pairs(texts, threshold, num_perm=num_perm, shingle_size=shingle_size):
+        if names[i] == names[j]:
+            continue
+        if keys[i] != keys[j]:  # identical texts are already counted as exact duplicates
+            near += 1
+        if len(examples) < LEAK_EXAMPLES:
+            examples.append({"a": {"split": names[i], "id": ids[i]}, "b": {"split": names[j], "id": ids[j]},
+                             "jaccard": round(jaccard, 4)})
+    return {"exact_duplicates_across_splits": exact, "near_duplicate_pairs_across_splits": near,
+            "threshold": threshold, "examples": examples, "passed": exact == 0 and near == 0}
+
+
+def _validate_split(name: str, rows: list[dict[str, Any]]) -> None:
+    try:
+        validate(SplitSchema, rows)
+    except pandera.errors.SchemaErrors as exc:
+        first = exc.failure_cases.iloc[0]
+        raise StageError(
+            f"split '{name}' breaks the data contract ({len(exc.failure_cases)} failure(s), first: column "
+            f"{first['column']!r}, check {first['check']!r}); re-run the format stage"
+        ) from None
+
+
+def _report(splits: dict[str, list[dict[str, Any]]], cfg: SplitConfig, leak: dict[str, Any]) -> dict[str, Any]:
+    total = sum(len(rows) for rows in splits.values())
+    group_sizes = Counter(r["group"] for rows in splits.values() for r in rows)
+    report: dict[str, Any] = {
+        "rows": total, "groups": len(group_sizes), "largest_group": max(group_sizes.values(), default=0),
+        "seed": cfg.seed, "ratios": {name: getattr(cfg, name) for name in SPLITS},
+        "counts": {name: len(rows) for name, rows in splits.items()},
+        "fractions": {name: round(len(rows) / total, 4) if total else 0.0 for name, rows in splits.items()},
+        "groups_per_split": {name: len({r["group"] for r in rows}) for name, rows in splits.items()},
+    }
+    if cfg.stratify_by:
+        strata: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+        for name, rows in splits.items():
+            for row in rows:
+                strata[stratum_of(row, cfg.stratify_by)][name] += 1
+        report["stratify_by"] = cfg.stratify_by
+        report["strata"] = {k: strata[k] for k in sorted(strata)}
+    report["leakage"] = leak
+    return report
+
+
+def run(params: Params) -> StageResult:
+    """Split formatted/dataset.jsonl into splits/ (see the module docstring)."""
+    cfg = params.split
+    source = require(params.path("formatted") / "dataset.jsonl", "format")
+    # Grouping compares every row with every other, so the rows are held in memory (formatted rows only).
+    rows = list(read_jsonl(source))
+    if not rows:
+        raise StageError(f"'{source}' has no rows to split; check formatted/quarantine.jsonl and the format stage")
+    if cfg.stratify_by and all(field_value(r, cfg.stratify_by) is None for r in rows):
+        raise StageError(f"split.stratify_by = '{cfg.stratify_by}' is not a field of any row in '{source}'; "
+                         "use a dotted field such as 'meta.category', or null")
+    splits = split_rows(rows, cfg, num_perm=params.clean.num_perm, shingle_size=params.clean.shingle_size)
+    for name in SPLITS:
+        _validate_split(name, splits[name])
+        if not splits[name] and getattr(cfg, name) > 0:
+            raise StageError(f"split '{name}' is empty: {len(rows)} rows are too few for split.{name} = "
+                             f"{getattr(cfg, name)}; add data or change the split ratios in params.yaml")
+    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
+    if not leak["passed"]:
+        raise StageError(
+            f"splits leak: {leak['exact_duplicates_across_splits']} exact and "
+            f"{leak['near_duplicate_pairs_across_splits']} near duplicates sit in different splits; set "
+            f"split.group_threshold ({cfg.group_threshold}) <= clean.near_dup_threshold "
+            f"({params.clean.near_dup_threshold})"
+        )
+    report = _report(splits, cfg, leak)
+    out_dir = params.path("splits")
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        write_json(tmp / "report.json", report)
+    log.info("split %d rows in %d groups: %s", report["rows"], report["groups"], report["counts"])
+    metrics: dict[str, Any] = {f"rows_{name}": n for name, n in report["counts"].items()}
+    metrics.update(groups=report["groups"], largest_group=report["largest_group"],
+                   leakage_exact=leak["exact_duplicates_across_splits"],
+                   leakage_near=leak["near_duplicate_pairs_across_splits"])
+    if "strata" in report:
+        metrics["strata"] = report["strata"]
+    return StageResult(
+        stage=STAGE,
+        outputs={name: out_dir / f"{name}.jsonl" for name in SPLITS} | {"report": out_dir / "report.json"},
+        metrics=metrics,
+    )

@@ -1,0 +1,391 @@
+"""Clean stage: normalise text, redact PII, drop too short / too long rows and exact and near duplicates.
+
+    python -m pipelines clean                  # reads paths.raw_examples, writes paths.cleaned
+
+Rules run in this order; the report counts, for each, the rows it modified ("touched") and removed:
+
+    unicode          Unicode normalisation (clean.unicode_form: NFKC folds full-width letters, ligatures, NBSP)
+    control_chars    control and invisible format characters removed (\\n and \\t kept; \\r\\n -> \\n)
+    html             known HTML tags stripped, entities unescaped (clean.strip_html)
+    whitespace       runs of spaces collapsed, lines and text trimmed, at most one blank line
+    too_short        a message shorter than clean.min_chars (e.g. an empty assistant answer)
+    too_long         a conversation longer than clean.max_chars in total
+    pii              emails, phones, cards, IPs, secrets -> [EMAIL], ... (clean.redact_pii; pipelines.pii)
+    exact_duplicate  same normalised conversation text as an earlier row (clean.exact_dedup)
+    near_duplicate   word-shingle Jaccard >= clean.near_dup_threshold with an earlier kept row (clean.near_dedup)
+
+Duplicates keep the first occurrence in input order. Every removed row goes to quarantine.jsonl with its
+rule, reason, a redacted excerpt and, for duplicates, the id and source:line of the row it duplicates.
+Markdown code (``` fenced blocks and `inline` spans) is left alone by the html and whitespace rules: a
+`<div>` or the indentation inside code is content, not markup.
+Outputs (paths.cleaned): examples.jsonl, quarantine.jsonl, report.json.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pandera.errors import SchemaError, SchemaErrors
+
+from pipelines.config import CleanConfig, Params
+from pipelines.dedup import conversation_text, exact_key, lsh_params, near_duplicate_pairs
+from pipelines.io import StageError, StageResult, atomic_dir, require, write_json, write_jsonl
+from pipelines.pii import redact
+from pipelines.schemas import ConversationSchema, validate
+
+STAGE = "clean"
+EXCERPT_CHARS = 200
+RULES = (
+    "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii",
+    "exact_duplicate", "near_duplicate",
+)
+
+# ------------------------------------------------------------------------------------ text transforms
+
+# C0/C1 controls except \t and \n (\r is turned into \n first), and invisible format characters:
+# zero-width space, word joiner, BOM, soft hyphen, Mongolian vowel separator, bidi marks and overrides.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff\u00ad\u180e\u200e\u200f"
+                      "\u202a-\u202e\u2066-\u2069]")
+# ZWJ is kept inside emoji sequences (family, profession emoji) and ZWNJ next to the scripts that need it
+# (Persian, Arabic, Indic); elsewhere they are invisible junk from copy-paste.
+_EMOJI = "\U0001f000-\U0001faff\u2600-\u27bf"
+_STRAY_ZWJ = re.compile(f"(?<![{_EMOJI}\ufe0f])\u200d|\u200d(?![{_EMOJI}])")
+_STRAY_ZWNJ = re.compile("(?<![\u0590-\u1fff\ua800-\ufdff])\u200c")
+
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]+`", re.S)
+_SENTINEL = re.compile("\x00(\\d+)\x00")  # control characters are gone by then, so \x00 cannot clash
+
+# Tags are stripped only when they are real HTML elements: "a<b and c>d", "vector<int>" and "List<T>"
+# stay. (html.parser would parse "<b and c>" as a <b> tag, and has no notion of "not HTML".)
+_BLOCK_TAGS = frozenset(
+    "address article aside blockquote br dd div dl dt figcaption figure footer form h1 h2 h3 h4 h5 h6 "
+    "header hr li main nav ol p pre section table tbody td tfoot th thead tr ul".split()
+)
+_INLINE_TAGS = frozenset(
+    "a abbr b bdi bdo big body button caption center cite code col colgroup data del details dfn em font "
+    "head html i iframe img input ins kbd label link mark meta noscript option q s samp select small span "
+    "strike strong sub summary sup svg textarea time title tt u var wbr".split()
+)
+_BOOLEAN_ATTRS = frozenset(
+    "allowfullscreen async autofocus autoplay checked controls default defer disabled hidden ismap loop "
+    "multiple muted nomodule novalidate open readonly required reversed selected".split()
+)
+# (name, attributes, the line break right after the tag: "<br>\n" is one line break, not two)
+_TAG = re.compile(
+    r"</?([A-Za-z][A-Za-z0-9]*)((?:\s+[A-Za-z_:@][-\w:.@]*(?:\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))?)*)\s*/?>"
+    r"([ \t]*\n)?"
+)
+_ATTR = re.compile(r"([A-Za-z_:@][-\w:.@]*)(\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))?")
+# Elements removed with their content, and comments; their ends are found with str.find (see _drop_spans).
+_DROPPED_OPEN = re.compile(r"<(script|style)\b[^<>]*>|<!--|<!doctype\b[^<>]*>", re.I)
+# Only entities with their ";" ("&amp;", "&#39;"): html.unescape alone also rewrites "&copy=2" in a URL.
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+_WIDE_SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"  # no-break, em, ideographic, ... spaces
+_SPACE_RUN = re.compile(f"[ {_WIDE_SPACES}]{{2,}}|[{_WIDE_SPACES}]")
+_TRAILING = re.compile(r"[^\S\n]+(?=\n)")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _outside_code(text: str, fn: Callable[[str], str]) -> str:
+    """Apply `fn` to the text with Markdown code spans swapped out for placeholders, then put them back."""
+    if "`" not in text:
+        return fn(text)
+    spans: list[str] = []
+
+    def stash(match: re.Match[str]) -> str:
+        spans.append(match.group())
+        return f"\x00{len(spans) - 1}\x00"
+
+    return _SENTINEL.sub(lambda m: spans[int(m.group(1))], fn(_CODE.sub(stash, text)))
+
+
+def normalize_unicode(text: str, form: str) -> str:
+    return text if form == "none" else unicodedata.normalize(form, text)
+
+
+def remove_control_chars(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    text = _CONTROL.sub("", text)
+    if "\u200d" in text:
+        text = _STRAY_ZWJ.sub("", text)
+    if "\u200c" in text:
+        text = _STRAY_ZWNJ.sub("", text)
+    return text
+
+
+def _tag(match: re.Match[str]) -> str:
+    name = match.group(1).lower()
+    if name not in _BLOCK_TAGS and name not in _INLINE_TAGS:
+        return match.group()
+    for attr, value in _ATTR.findall(match.group(2)):
+        if not value and attr.lower() not in _BOOLEAN_ATTRS:
+            return match.group()  # "<b and c>": words, not attributes
+    return "\n" if name in _BLOCK_TAGS else match.group(3) or ""
+
+
+def _drop_spans(text: str) -> str:
+    """Remove <script>/<style> elements with their content, comments and doctypes.
+
+    One left-to-right scan: a regex like "<script>.*?</script>" rescans to the end of the text for every
+    unclosed opener, which is quadratic ("<script>" * 3000 took 1.5 s); an unclosed element is left alone.
+    """
+    lower, out, pos = text.lower(), [], 0
+    while match := _DROPPED_OPEN.search(text, pos):
+        opener = match.group().lower()
+        if opener.startswith("<!doctype"):
+            end = match.end()
+        else:
+            close = "-->" if opener == "<!--" else f"</{match.group(1).lower()}"
+            found = lower.find(close, match.end())
+            end = -1 if found < 0 else (found + 3 if close == "-->" else text.find(">", found) + 1)
+            if end <= 0:
+                break
+        out.append(text[pos : match.start()])
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _strip_markup(text: str) -> str:
+    if "<" in text:
+        text = _TAG.sub(_tag, _drop_spans(text))
+    if "&" in text:
+        text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
+    return text
+
+
+def strip_html(text: str) -> str:
+    """Remove HTML tags (block tags become a line break) and unescape entities, outside Markdown code."""
+    return _outside_code(text, _strip_markup) if "<" in text or "&" in text else text
+
+
+def _one_space(match: re.Match[str]) -> str:
+    start = match.start()
+    at_line_start = start == 0 or match.string[start - 1] == "\n"
+    return match.group() if at_line_start else " "  # indentation is kept; trailing runs go in _TRAILING
+
+
+def _squeeze(text: str) -> str:
+    # Substring tests first: each regex costs ~3 us per message even when nothing matches.
+    ascii_only = text.isascii()
+    if "  " in text or not ascii_only:
+        text = _SPACE_RUN.sub(_one_space, text)
+    if " \n" in text or "\t\n" in text or not ascii_only:
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of spaces inside lines (indentation kept), trim lines and text, at most one blank line."""
+    return _outside_code(text, _squeeze)
+
+
+# ------------------------------------------------------------------------------------------ the rules
+
+
+@dataclass
+class CleanResult:
+    kept: list[dict[str, Any]]
+    quarantined: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]]  # rule -> {"touched": rows modified, "removed": rows dropped}
+    pii: Counter = field(default_factory=Counter)  # replacements per PII type
+    near_pairs: int = 0  # verified near-duplicate pairs among the rows that reached that rule
+
+    def report(self, cfg: CleanConfig, rows_in: int) -> dict[str, Any]:
+        enabled = {
+            "html": cfg.strip_html, "pii": cfg.redact_pii, "exact_duplicate": cfg.exact_dedup,
+            "near_duplicate": cfg.near_dedup, "unicode": cfg.unicode_form != "none",
+        }
+        bands, rows = lsh_params(cfg.near_dup_threshold, cfg.num_perm)
+        return {
+            "rows_in": rows_in,
+            "rows_out": len(self.kept),
+            "quarantined": len(self.quarantined),
+            "rules": {r: {**self.counts[r], "enabled": enabled.get(r, True)} for r in RULES},
+            "pii": {t: self.pii[t] for t in sorted(self.pii)},
+            "near_dedup": {"threshold": cfg.near_dup_threshold, "num_perm": cfg.num_perm,
+                           "shingle_size": cfg.shingle_size, "lsh_bands": bands, "lsh_rows": rows,
+                           "verified_pairs": self.near_pairs},
+        }
+
+
+# System prompts repeat on every row: redact each distinct text once. The cached Counter is never mutated.
+_redact_cached = lru_cache(maxsize=1024)(redact)
+
+
+def _excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
+    text = " | ".join(f"{m['role']}: {m['content']}" for m in messages)[: EXCERPT_CHARS * 2]
+    if redact_pii:  # the quarantine must not leak what the kept rows had redacted
+        text = redact(text)[0]
+    return text[:EXCERPT_CHARS]
+
+
+def _quarantine(row: dict[str, Any], rule: str, reason: str, redact_pii: bool, **extra: Any) -> dict[str, Any]:
+    return {"source": row["source"], "line": row["line"], "stage": STAGE, "rule": rule, "reason": reason,
+            "excerpt": _excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
+
+
+def _text_rules(cfg: CleanConfig) -> list[tuple[str, Callable[[str], str]]]:
+    rules: list[tuple[str, Callable[[str], str]]] = []
+    if cfg.unicode_form != "none":
+        rules.append(("unicode", lambda t: normalize_unicode(t, cfg.unicode_form)))
+    rules.append(("control_chars", remove_control_chars))
+    if cfg.strip_html:
+        rules.append(("html", strip_html))
+    rules.append(("whitespace", normalize_whitespace))
+    return rules
+
+
+def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[str, str] | None:
+    for i, m in enumerate(messages):
+        if len(m["content"]) < cfg.min_chars:
+            return "too_short", (f"message {i} ({m['role']}) has {len(m['content'])} characters after cleaning, "
+                                 f"fewer than clean.min_chars = {cfg.min_chars}")
+    total = sum(len(m["content"]) for m in messages)
+    if total > cfg.max_chars:
+        return "too_long", f"conversation has {total} characters, more than clean.max_chars = {cfg.max_chars}"
+    return None
+
+
+def _near_duplicates(
+    rows: list[dict[str, Any]], texts: list[str], cfg: CleanConfig
+) -> tuple[dict[int, tuple[int, float]], int]:
+    """{index of a removed row: (index of the kept row it duplicates, jaccard)}, and the number of pairs."""
+    pairs = near_duplicate_pairs(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size)
+    earlier: dict[int, list[tuple[int, float]]] = {}
+    for i, j, sim in pairs:
+        earlier.setdefault(j, []).append((i, sim))
+    removed: dict[int, tuple[int, float]] = {}
+    for j in range(len(rows)):  # input order: a row is a duplicate only of a row that was kept
+        kept = [(sim, -i) for i, sim in earlier.get(j, ()) if i not in removed]
+        if kept:
+            sim, neg_i = max(kept)  # the most similar kept row; on a tie the earliest
+            removed[j] = (-neg_i, sim)
+    return removed, len(pairs)
+
+
+def clean(rows: Iterable[dict[str, Any]], cfg: CleanConfig) -> CleanResult:
+    """Apply the rules in order (see the module docstring). Input rows are not modified."""
+    counts = {r: {"touched": 0, "removed": 0} for r in RULES}
+    quarantined: list[dict[str, Any]] = []
+    pii_counts: Counter = Counter()
+    text_rules = _text_rules(cfg)
+    survivors: list[dict[str, Any]] = []
+    for row in rows:
+        messages = [dict(m) for m in row["messages"]]
+        for rule, fn in text_rules:
+            touched = False
+            for m in messages:
+                new = fn(m["content"])
+                if new != m["content"]:
+                    m["content"], touched = new, True
+            counts[rule]["touched"] += touched
+        cleaned = {**row, "messages": messages}
+        problem = _length_problem(messages, cfg)
+        if problem:
+            counts[problem[0]]["removed"] += 1
+            quarantined.append(_quarantine(cleaned, *problem, cfg.redact_pii))
+            continue
+        if cfg.redact_pii:
+            found: Counter = Counter()
+            for m in messages:
+                m["content"], n = _redact_cached(m["content"])
+                found.update(n)
+            counts["pii"]["touched"] += bool(found)
+            pii_counts += found
+        survivors.append(cleaned)
+
+    texts = [conversation_text(r) for r in survivors] if cfg.exact_dedup or cfg.near_dedup else []
+    if cfg.exact_dedup:
+        first: dict[str, int] = {}
+        unique: list[int] = []
+        for i, text in enumerate(texts):
+            j = first.setdefault(exact_key(text), i)
+            if j == i:
+                unique.append(i)
+                continue
+            kept_row = survivors[j]
+            counts["exact_duplicate"]["removed"] += 1
+            quarantined.append(_quarantine(
+                survivors[i], "exact_duplicate", f"same normalised text as row {kept_row['id']}", cfg.redact_pii,
+                duplicate_of=kept_row["id"], duplicate_of_location=f"{kept_row['source']}:{kept_row['line']}",
+            ))
+        survivors, texts = [survivors[i] for i in unique], [texts[i] for i in unique]
+
+    near_pairs = 0
+    if cfg.near_dedup and survivors:
+        removed, near_pairs = _near_duplicates(survivors, texts, cfg)
+        for j, (i, sim) in sorted(removed.items()):
+            kept_row = survivors[i]
+            counts["near_duplicate"]["removed"] += 1
+            quarantined.append(_quarantine(
+                survivors[j], "near_duplicate",
+                f"Jaccard {sim:.3f} >= clean.near_dup_threshold = {cfg.near_dup_threshold} with row {kept_row['id']}",
+                cfg.redact_pii, duplicate_of=kept_row["id"],
+                duplicate_of_location=f"{kept_row['source']}:{kept_row['line']}", similarity=round(sim, 4),
+            ))
+        survivors = [r for k, r in enumerate(survivors) if k not in removed]
+    return CleanResult(survivors, quarantined, counts, pii_counts, near_pairs)
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"'{path}' line {n} is not valid JSON ({exc.msg}); re-run the ingest stage "
+                                 "instead of editing its output") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise StageError(f"'{path}' line {n} has no 'messages' list; re-run the ingest stage")
+            rows.append(row)
+    return rows
+
+
+def run(params: Params) -> StageResult:
+    cfg = params.clean
+    source = require(params.path("raw_examples") / "examples.jsonl", "ingest")
+    out = params.path("cleaned")
+    rows = _read_rows(source)
+    result = clean(rows, cfg)
+    try:
+        validate(ConversationSchema, result.kept)
+    except (SchemaError, SchemaErrors) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise StageError(f"cleaned rows from '{source}' break the row contract ({first}); re-run the ingest "
+                         "stage, and report a bug if it persists") from None
+    report = result.report(cfg, len(rows))
+    failure = None
+    if rows and not result.kept:
+        by_rule = ", ".join(f"{r}: {c['removed']}" for r, c in report["rules"].items() if c["removed"])
+        failure = (f"the clean stage removed all {len(rows)} rows of '{source}' ({by_rule}); see "
+                   f"'{out / 'quarantine.jsonl'}' and relax the clean section of params.yaml")
+    with atomic_dir(out) as tmp:
+        if not failure:  # downstream stages must not consume a failed clean
+            write_jsonl(tmp / "examples.jsonl", result.kept)
+        write_jsonl(tmp / "quarantine.jsonl", result.quarantined)
+        write_json(tmp / "report.json", {"status": "failed" if failure else "ok", "error": failure, **report,
+                                         "config": cfg.model_dump()})
+    if failure:
+        raise StageError(failure)
+    outputs = {name: out / f"{name}.{ext}" for name, ext in
+               (("examples", "jsonl"), ("quarantine", "jsonl"), ("report", "json"))}
+    return StageResult(STAGE, outputs, report)

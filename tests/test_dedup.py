@@ -1,0 +1,154 @@
+"""pipelines.dedup: exact keys, MinHash signatures, verified near-duplicate pairs, clusters."""
+
+from __future__ import annotations
+
+import random
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from pipelines import dedup
+from pipelines.dedup import (
+    cluster,
+    conversation_text,
+    exact_key,
+    lsh_params,
+    minhash_signatures,
+    near_duplicate_pairs,
+)
+
+
+def shingles(t: str, k: int = 3) -> set[tuple[str, ...]]:
+    w = t.split()
+    return {tuple(w[i : i + k]) for i in range(max(1, len(w) - k + 1))}
+
+
+def jaccard(a: str, b: str, k: int = 3) -> float:
+    """Reference word k-shingle Jaccard, written independently of the vectorised code."""
+    sa, sb = shingles(a, k), shingles(b, k)
+    return len(sa & sb) / len(sa | sb)
+
+
+def words(n: int, rng: random.Random, vocab: int = 3000) -> list[str]:
+    return [f"w{rng.randrange(vocab)}" for _ in range(n)]
+
+
+def edited(ws: list[str], positions: list[int]) -> str:
+    out = list(ws)
+    for p in positions:
+        out[p] = "changed"
+    return " ".join(out)
+
+
+def test_conversation_text_normalises_case_whitespace_and_keeps_roles():
+    row = {"messages": [{"role": "user", "content": "  Hello\n\tWORLD  "}, {"role": "assistant", "content": "Hi!"}]}
+    assert conversation_text(row) == "user: hello world assistant: hi!"
+    swapped = {"messages": [{"role": "assistant", "content": "Hello world"}, {"role": "user", "content": "hi!"}]}
+    assert conversation_text(swapped) != conversation_text(row)
+
+
+def test_exact_key_is_stable_hex_and_discriminates():
+    assert exact_key("a b") == exact_key("a b")
+    assert exact_key("a b") != exact_key("a  b")
+    assert len(exact_key("x")) == 32 and int(exact_key("x"), 16) >= 0
+
+
+def test_signatures_shape_dtype_and_determinism():
+    texts = ["the quick brown fox jumps", "lorem ipsum dolor sit amet", ""]
+    sig = minhash_signatures(texts, num_perm=64)
+    assert sig.shape == (3, 64) and sig.dtype == np.uint32
+    assert np.array_equal(sig, minhash_signatures(texts, num_perm=64))
+    assert not np.array_equal(sig, minhash_signatures(texts, num_perm=64, seed=2))
+    assert (sig[2] == np.iinfo(np.uint32).max).all()  # empty text: no shingle
+
+
+def test_signature_of_a_text_does_not_depend_on_its_batch(monkeypatch):
+    rng = random.Random(0)
+    texts = [" ".join(words(rng.randint(0, 30), rng)) for _ in range(60)] + ["a", "a b", "x y z"]
+    alone = np.vstack([minhash_signatures([t]) for t in texts])
+    monkeypatch.setattr(dedup, "_BATCH_BYTES", 200)  # many small batches with short documents at the edges
+    assert np.array_equal(minhash_signatures(texts), alone)
+    # a 2-word document's one shingle must not take words from the next document
+    assert np.array_equal(minhash_signatures(["a b", "c d e"])[0], minhash_signatures(["a b", "x y"])[0])
+
+
+def test_separators_are_any_ascii_whitespace():
+    assert np.array_equal(minhash_signatures(["a  b\tc\nd"]), minhash_signatures(["a b c d"]))
+
+
+def test_signature_agreement_estimates_jaccard():
+    rng = random.Random(1)
+    base = words(200, rng)
+    pairs = [(" ".join(base), edited(base, list(range(0, 200, step)))) for step in (10, 25, 50)]
+    sig = minhash_signatures([t for p in pairs for t in p], num_perm=256)
+    for k, (a, b) in enumerate(pairs):
+        estimate = float((sig[2 * k] == sig[2 * k + 1]).mean())
+        assert abs(estimate - jaccard(a, b)) < 0.1, (estimate, jaccard(a, b))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.6, 0.8, 0.85, 0.9, 0.95])
+@pytest.mark.parametrize("num_perm", [64, 128, 256])
+def test_lsh_params_fit_and_catch_pairs_at_the_threshold(threshold, num_perm):
+    bands, rows = lsh_params(threshold, num_perm)
+    assert bands * rows <= num_perm
+    assert 1 - (1 - threshold**rows) ** bands >= 0.99
+
+
+def test_near_pairs_found_verified_and_dissimilar_not_paired():
+    rng = random.Random(2)
+    a = words(60, rng)
+    texts = [" ".join(a), edited(a, [30]), " ".join(words(60, rng)), edited(a, [5, 20, 35, 50])]
+    pairs = near_duplicate_pairs(texts, threshold=0.85)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+    assert pairs[0][2] == pytest.approx(jaccard(texts[0], texts[1]))
+    lower = {(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold=0.6)}
+    assert lower == {(0, 1), (0, 3)}  # 4 edits: Jaccard 0.67 with the original, 0.59 with text 1
+    assert jaccard(texts[1], texts[3]) < 0.6 < jaccard(texts[0], texts[3])
+
+
+def test_near_pairs_match_brute_force_on_a_random_set():
+    rng = random.Random(3)
+    texts = [" ".join(words(rng.randint(15, 80), rng, vocab=500)) for _ in range(150)]
+    for _ in range(50):
+        src = texts[rng.randrange(150)].split()
+        texts.append(edited(src, rng.sample(range(len(src)), rng.randint(1, 4))))
+    threshold = 0.7
+    sets = [shingles(t) for t in texts]
+    truth = {(i, j) for i, j in combinations(range(len(texts)), 2)
+             if len(sets[i] & sets[j]) >= threshold * len(sets[i] | sets[j])}
+    found = {(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold)}
+    assert len(truth) > 20
+    assert found <= truth  # verified: never a pair below the threshold
+    assert len(found) / len(truth) >= 0.95
+
+
+def test_identical_copies_pair_with_the_first_only_and_empty_texts_never_pair():
+    texts = ["same words here now", "", "same words here now", "", "same words here now"]
+    assert near_duplicate_pairs(texts, 0.9) == [(0, 2, 1.0), (0, 4, 1.0)]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5])
+def test_near_pairs_reject_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicate_pairs(["a b c"], threshold)
+
+
+def test_cluster_labels_are_the_smallest_index_and_transitive():
+    rng = random.Random(4)
+    a = words(40, rng)
+    b = edited(a, [10])
+    c = edited(b.split(), [30])  # near b, not near a at 0.8: joins a's group through b
+    other = " ".join(words(40, rng))
+    texts = [other, " ".join(a), b, c, other, " ".join(words(40, rng))]
+    assert jaccard(texts[1], c) < 0.8 <= min(jaccard(texts[1], b), jaccard(b, c))
+    assert cluster(texts, 0.8) == [0, 1, 1, 1, 0, 5]
+
+
+def test_results_are_deterministic_across_calls():
+    rng = random.Random(5)
+    base = [words(50, rng) for _ in range(30)]
+    texts = [" ".join(w) for w in base] + [edited(w, [3]) for w in base[:10]]
+    first = near_duplicate_pairs(texts, 0.8)
+    assert first == near_duplicate_pairs(texts, 0.8)
+    assert len(first) == 10

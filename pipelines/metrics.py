@@ -1,0 +1,270 @@
+"""Per-example metrics, their aggregates with bootstrap confidence intervals, and the promotion gate.
+
+Pure functions only (no model, no file I/O): `pipelines.evaluate` feeds them predictions and
+per-example losses, `pipelines.promote` and the Dagster asset check call `gate` on metrics.json.
+
+    from pipelines.metrics import score_example, summarise, gate
+
+Metric names (the keys of metrics.json and the allowed values of `evaluate.primary_metric`):
+    exact_match     prediction == reference after stripping surrounding whitespace (0/1 per example)
+    rouge_l         ROUGE-L F-measure (rouge_score's reference implementation)
+    json_valid      prediction parses as a JSON object; only rows whose reference is a JSON object
+    field_accuracy  share of the reference object's keys whose value the prediction matches (same rows)
+    loss            mean negative log-likelihood per completion token (nats), token-weighted
+    perplexity      exp(loss)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+HIGHER_IS_BETTER = {"exact_match": True, "rouge_l": True, "json_valid": True, "field_accuracy": True,
+                    "loss": False, "perplexity": False}
+METRICS = tuple(HIGHER_IS_BETTER)
+JSON_METRICS = ("json_valid", "field_accuracy")
+FLOAT_SLACK = 1e-9  # 0.25 - 0.2 is 0.0499999...: a delta equal to the bound in decimal passes
+BOOTSTRAP_SEED = 0  # fixed: the same inputs give the same intervals on every run
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer  # the reference ROUGE implementation, not a re-derivation
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1. Identical texts score 1 even when the default tokenizer finds no words in them
+    (it keeps only [a-z0-9] tokens, so e.g. an exact CJK answer would otherwise score 0)."""
+    if prediction.strip() == reference.strip():
+        return 1.0
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The text as a JSON object, or None when it is not exactly one JSON object."""
+    try:
+        value = json.loads(text.strip())
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_fields(prediction: str, reference: dict[str, Any]) -> dict[str, float]:
+    """Per-key 1/0: does the prediction (parsed) carry the reference's value for this key."""
+    parsed = parse_json_object(prediction) or {}
+    return {key: float(key in parsed and parsed[key] == value) for key, value in reference.items()}
+
+
+def score_example(prediction: str, reference: str) -> dict[str, Any]:
+    """All text metrics of one prediction; JSON metrics only when the reference is a JSON object."""
+    scores: dict[str, Any] = {"exact_match": exact_match(prediction, reference),
+                              "rouge_l": rouge_l(prediction, reference)}
+    ref_obj = parse_json_object(reference)
+    if ref_obj is not None:
+        fields = json_fields(prediction, ref_obj)
+        scores["json_valid"] = float(parse_json_object(prediction) is not None)
+        scores["field_accuracy"] = sum(fields.values()) / len(fields) if fields else scores["json_valid"]
+        scores["fields"] = fields
+    return scores
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high}
+
+
+def _ratio_stats(values: np.ndarray, weights: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    # (samples, n) index matrix -> one weighted mean per resample
+    return (values[idx] * weights[idx]).sum(axis=1) / weights[idx].sum(axis=1)
+
+
+def _resample(n: int, samples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def _percentiles(stats: np.ndarray, confidence: float) -> Interval:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return Interval(float(low), float(high))
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    v = np.asarray(values, dtype=float)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
+    return float((v * w).sum() / w.sum())
+
+
+def bootstrap_ci(values: Sequence[float], weights: Sequence[float] | None = None, *, samples: int = 1000,
+                 confidence: float = 0.95, seed: int = BOOTSTRAP_SEED) -> Interval:
+    """Percentile bootstrap interval of the (weighted) mean, resampling examples with replacement.
+
+    Weights make a ratio of sums, e.g. per-example mean NLL weighted by completion tokens gives the
+    token-weighted loss; one example cannot be split, so examples (not tokens) are resampled.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return Interval(math.nan, math.nan)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
+    return _percentiles(_ratio_stats(v, w, _resample(v.size, samples, seed)), confidence)
+
+
+def paired_bootstrap_ci(base: Sequence[float], tuned: Sequence[float], weights: Sequence[float] | None = None, *,
+                        samples: int = 1000, confidence: float = 0.95, seed: int = BOOTSTRAP_SEED,
+                        transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Interval:
+    """Interval of f(mean(tuned)) - f(mean(base)) (f = `transform`, default identity), resampling the
+    SAME examples for both models: the pairing removes the between-example variance that both models
+    share, so the interval is much tighter than two separate intervals suggest."""
+    a, b = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.size} vs {b.size}")
+    if a.size == 0:
+        return Interval(math.nan, math.nan)
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=float)
+    idx = _resample(a.size, samples, seed)
+    f = transform or (lambda x: x)
+    return _percentiles(f(_ratio_stats(b, w, idx)) - f(_ratio_stats(a, w, idx)), confidence)
+
+
+@dataclass
+class ModelScores:
+    """Per-example results of one model on the test rows (same order for both models)."""
+
+    predictions: list[str]
+    nll_sum: list[float]  # summed NLL (nats) over each example's completion tokens
+    n_tokens: list[int]  # completion tokens per example
+
+    @property
+    def example_loss(self) -> list[float]:
+        return [s / max(n, 1) for s, n in zip(self.nll_sum, self.n_tokens, strict=True)]
+
+
+def _metric_columns(scores: list[dict[str, Any]], model: ModelScores) -> dict[str, tuple[list[float], list[float]]]:
+    """metric -> (per-example values, weights) over the rows the metric applies to."""
+    cols: dict[str, tuple[list[float], list[float]]] = {
+        "loss": (model.example_loss, [float(n) for n in model.n_tokens]),
+        "exact_match": ([s["exact_match"] for s in scores], [1.0] * len(scores)),
+        "rouge_l": ([s["rouge_l"] for s in scores], [1.0] * len(scores)),
+    }
+    json_rows = [s for s in scores if "json_valid" in s]
+    if json_rows:
+        for name in JSON_METRICS:
+            cols[name] = ([s[name] for s in json_rows], [1.0] * len(json_rows))
+    return cols
+
+
+def _per_field(base: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, list[float]]] = {}
+    for b, t in zip(base, tuned, strict=True):
+        for key in b.get("fields", {}):
+            cell = table.setdefault(key, {"base": [], "fine_tuned": []})
+            cell["base"].append(b["fields"][key])
+            cell["fine_tuned"].append(t["fields"][key])
+    return {key: {"base": float(np.mean(c["base"])), "fine_tuned": float(np.mean(c["fine_tuned"])),
+                  "delta": float(np.mean(c["fine_tuned"]) - np.mean(c["base"])), "n": len(c["base"])}
+            for key, c in sorted(table.items())}
+
+
+def summarise(references: list[str], base: ModelScores, tuned: ModelScores, *, samples: int = 1000,
+              confidence: float = 0.95) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Aggregate metrics of both models with bootstrap CIs and the paired delta (fine-tuned - base).
+
+    Returns (summary, per-example scores of base, per-example scores of fine-tuned). Perplexity's
+    interval is exp() of the loss interval (exp is monotone, so it is the same bootstrap).
+    """
+    base_scores = [score_example(p, r) for p, r in zip(base.predictions, references, strict=True)]
+    tuned_scores = [score_example(p, r) for p, r in zip(tuned.predictions, references, strict=True)]
+    base_cols, tuned_cols = _metric_columns(base_scores, base), _metric_columns(tuned_scores, tuned)
+    out: dict[str, Any] = {"base": {}, "fine_tuned": {}, "delta": {},
+                           "ci": {"base": {}, "fine_tuned": {}, "delta": {}}, "confidence": confidence}
+    for name, (b_vals, weights) in base_cols.items():
+        t_vals = tuned_cols[name][0]
+        out["base"][name] = weighted_mean(b_vals, weights)
+        out["fine_tuned"][name] = weighted_mean(t_vals, weights)
+        out["delta"][name] = out["fine_tuned"][name] - out["base"][name]
+        kw = {"samples": samples, "confidence": confidence}
+        out["ci"]["base"][name] = bootstrap_ci(b_vals, weights, **kw).as_dict()
+        out["ci"]["fine_tuned"][name] = bootstrap_ci(t_vals, weights, **kw).as_dict()
+        out["ci"]["delta"][name] = paired_bootstrap_ci(b_vals, t_vals, weights, **kw).as_dict()
+    for model in ("base", "fine_tuned"):
+        out[model]["perplexity"] = math.exp(out[model]["loss"])
+        out["ci"][model]["perplexity"] = {k: math.exp(v) for k, v in out["ci"][model]["loss"].items()}
+    out["delta"]["perplexity"] = out["fine_tuned"]["perplexity"] - out["base"]["perplexity"]
+    b_loss, weights = base_cols["loss"]
+    out["ci"]["delta"]["perplexity"] = paired_bootstrap_ci(
+        b_loss, tuned_cols["loss"][0], weights, samples=samples, confidence=confidence, transform=np.exp).as_dict()
+    out["n_json"] = sum("json_valid" in s for s in base_scores)
+    out["per_field"] = _per_field(base_scores, tuned_scores)
+    return out, base_scores, tuned_scores
+
+
+def _fmt_ci(ci: dict[str, float]) -> str:
+    return f"[{ci['low']:+.3f}, {ci['high']:+.3f}]"
+
+
+def gate(metrics: dict[str, Any], cfg: Any) -> tuple[bool, list[str]]:
+    """Should the fine-tuned adapter be promoted? One sentence per criterion, each with its numbers.
+
+    Passes when, on `cfg.primary_metric`, the fine-tuned model improves on the base by at least
+    `cfg.min_improvement` AND the lower end of the paired-bootstrap interval of that improvement is
+    above 0 (so a lucky small test set does not pass), AND the probe-set loss rose by at most
+    `cfg.max_forgetting` nats/token. For loss/perplexity an improvement is a decrease.
+    `cfg` is an EvaluateConfig (anything with primary_metric, min_improvement, max_forgetting).
+    """
+    name = cfg.primary_metric
+    reasons: list[str] = []
+    ok = True
+    if name not in metrics.get("base", {}) or name not in metrics.get("fine_tuned", {}):
+        reasons.append(f"primary metric '{name}' is not in the metrics (have: "
+                       f"{', '.join(sorted(metrics.get('base', {}))) or 'none'}); FAIL.")
+        ok = False
+    else:
+        sign = 1.0 if HIGHER_IS_BETTER.get(name, True) else -1.0
+        base, tuned = metrics["base"][name], metrics["fine_tuned"][name]
+        gain = sign * (tuned - base)
+        enough = gain >= cfg.min_improvement - FLOAT_SLACK
+        reasons.append(f"{name}: fine-tuned {tuned:.4f} vs base {base:.4f}, improvement {gain:+.4f} "
+                       f"{'>=' if enough else '<'} the required {cfg.min_improvement:+.4f}; "
+                       f"{'pass' if enough else 'FAIL'}.")
+        ci = metrics.get("ci", {}).get("delta", {}).get(name)
+        if ci is None or any(v is None or math.isnan(v) for v in ci.values()):
+            reasons.append(f"{name}: no confidence interval of the improvement; FAIL.")
+            ok = False
+        else:
+            interval = {"low": sign * ci["low"], "high": sign * ci["high"]}
+            interval = {"low": min(interval.values()), "high": max(interval.values())}
+            sure = interval["low"] > 0
+            level = metrics.get("confidence", getattr(cfg, "confidence", 0.95))
+            reasons.append(f"{name}: {level:.0%} interval of the improvement {_fmt_ci(interval)} "
+                           f"{'lies above' if sure else 'does not lie above'} 0; {'pass' if sure else 'FAIL'}.")
+            ok = ok and sure
+        ok = ok and enough
+    forgetting = metrics.get("forgetting")
+    if forgetting is None or math.isnan(forgetting):
+        reasons.append("forgetting: no probe-set loss was measured; FAIL.")
+        ok = False
+    else:
+        within = forgetting <= cfg.max_forgetting
+        probe = metrics.get("probe", {})
+        detail = (f" (base {probe['base_loss']:.4f} -> fine-tuned {probe['fine_tuned_loss']:.4f})"
+                  if {"base_loss", "fine_tuned_loss"} <= probe.keys() else "")
+        reasons.append(f"forgetting: probe-set loss changed by {forgetting:+.4f} nats/token{detail}, "
+                       f"{'within' if within else 'over'} the bound {cfg.max_forgetting:.4f}; "
+                       f"{'pass' if within else 'FAIL'}.")
+        ok = ok and within
+    return ok, reasons

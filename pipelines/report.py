@@ -1,0 +1,337 @@
+"""Rendering of the evaluation report: plots (PNG bytes), one self-contained HTML page, its Markdown twin.
+
+Pure: takes the measured numbers, returns bytes and strings; `pipelines.evaluate.run` writes them.
+
+    python -m pipelines evaluate   # writes data/evaluation/report.html and report.md
+
+The HTML page embeds its plots as base64 PNG and its CSS inline, so it opens offline, from an e-mail
+attachment or a CI artifact alike; the Markdown twin references the same plots as files beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.metrics import HIGHER_IS_BETTER, METRICS
+
+LABELS = {"exact_match": "Exact match", "rouge_l": "ROUGE-L (F1)", "json_valid": "Valid JSON rate",
+          "field_accuracy": "JSON field accuracy", "loss": "Completion loss (nats/token)",
+          "perplexity": "Perplexity"}
+CAPTIONS = {"metrics.png": "Metrics, base vs fine-tuned", "loss_curve.png": "Loss curves",
+            "token_hist.png": "Token lengths"}
+NO_LOSS_CURVE = "No loss curves: the adapter folder has no readable train_log.json (HF Trainer log_history)."
+CELL_CHARS = 400  # longer prompts/answers are cut in the example tables (the full text is in examples.jsonl)
+
+
+@dataclass
+class ReportContext:
+    metrics: dict[str, Any]  # the content of metrics.json
+    best: list[dict[str, Any]] = field(default_factory=list)  # example records (see evaluate._example_records)
+    worst: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: list[dict[str, float]] = field(default_factory=list)  # [{step, loss}]
+    eval_loss: list[dict[str, float]] = field(default_factory=list)
+    token_histogram: dict[str, list[float]] | None = None  # {edges (n+1), counts (n)}
+    histogram_source: str = ""
+    base_model: str = ""
+    adapter: str = ""
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _figure(width: float = 6.4, height: float = 3.6) -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend needed
+
+    return Figure(figsize=(width, height), dpi=100, layout="tight")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same plot, same bytes
+    return buf.getvalue()
+
+
+def plot_loss_curve(train: Sequence[dict[str, float]], evals: Sequence[dict[str, float]]) -> bytes | None:
+    if not train and not evals:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    if train:
+        ax.plot([p["step"] for p in train], [p["loss"] for p in train], label="training loss", color="#1f77b4")
+    if evals:
+        ax.plot([p["step"] for p in evals], [p["loss"] for p in evals], "o-", label="validation loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_token_histogram(hist: dict[str, list[float]] | None) -> bytes | None:
+    if not hist or not hist.get("counts"):
+        return None
+    edges, counts = hist["edges"], hist["counts"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:], strict=True)], align="edge",
+           color="#7f7f7f", edgecolor="white")
+    ax.set_xlabel("tokens per example (chat template included)")
+    ax.set_ylabel("examples")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("Token length of the data")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def plot_metrics(metrics: dict[str, Any]) -> bytes | None:
+    """Base vs fine-tuned bars with their confidence intervals, for the 0..1 metrics."""
+    names = [m for m in METRICS if HIGHER_IS_BETTER[m] and m in metrics.get("base", {})]
+    if not names:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.38
+    for offset, model, color in ((-width / 2, "base", "#aec7e8"), (width / 2, "fine_tuned", "#1f77b4")):
+        values = [metrics[model][m] for m in names]
+        cis = [metrics.get("ci", {}).get(model, {}).get(m, {"low": v, "high": v})
+               for m, v in zip(names, values, strict=True)]
+        pairs = list(zip(values, cis, strict=True))
+        errors = [[max(v - c["low"], 0) for v, c in pairs], [max(c["high"] - v, 0) for v, c in pairs]]  # (2, n)
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, yerr=errors, capsize=3, color=color,
+                      label=model.replace("_", "-"))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)  # a 0 bar is otherwise invisible
+    ax.set_xticks(range(len(names)), [LABELS[m] for m in names], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Base vs fine-tuned ({metrics.get('confidence', 0.95):.0%} bootstrap intervals)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _png(fig)
+
+
+def plots(ctx: ReportContext) -> dict[str, bytes]:
+    """File name -> PNG bytes, for the plots that have data."""
+    made = {"metrics.png": plot_metrics(ctx.metrics), "loss_curve.png": plot_loss_curve(ctx.train_loss, ctx.eval_loss),
+            "token_hist.png": plot_token_histogram(ctx.token_histogram)}
+    return {name: png for name, png in made.items() if png}
+
+
+# ----------------------------------------------------------------------------------- formatting
+
+
+def _num(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.3f}"
+
+
+def _signed(value: float | None, metric: str) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:+.2f}" if metric == "perplexity" else f"{value:+.3f}"
+
+
+def _ci(ci: dict[str, float] | None, metric: str, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    f = _signed if signed else _num
+    return f"[{f(ci['low'], metric)}, {f(ci['high'], metric)}]"
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per metric present: label, base, fine-tuned, delta (each with its interval), verdict."""
+    rows = []
+    ci = metrics.get("ci", {})
+    for m in METRICS:
+        if m not in metrics.get("base", {}):
+            continue
+        delta = metrics["delta"][m]
+        d_ci = ci.get("delta", {}).get(m)
+        sign = 1 if HIGHER_IS_BETTER[m] else -1
+        verdict = ""
+        if d_ci:  # judged on the interval, not the point: "better" only if the whole CI is an improvement
+            lo, hi = sorted((sign * d_ci["low"], sign * d_ci["high"]))
+            verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
+        rows.append({
+            "metric": LABELS[m] + (" (primary)" if m == metrics.get("primary_metric") else ""),
+            "base": f"{_num(metrics['base'][m], m)} {_ci(ci.get('base', {}).get(m), m)}".strip(),
+            "fine_tuned": f"{_num(metrics['fine_tuned'][m], m)} {_ci(ci.get('fine_tuned', {}).get(m), m)}".strip(),
+            "delta": f"{_signed(delta, m)} {_ci(d_ci, m, signed=True)}".strip(),
+            "verdict": verdict,
+        })
+    return rows
+
+
+def _md_cell(text: Any, limit: int = CELL_CHARS) -> str:
+    s = str(text)
+    s = s if len(s) <= limit else s[: limit - 1] + "…"
+    return html.escape(s, quote=False).replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def metric_table_markdown(metrics: dict[str, Any]) -> str:
+    level = f"{metrics.get('confidence', 0.95):.0%}"
+    lines = [f"| metric | base [{level} CI] | fine-tuned [{level} CI] | delta [{level} CI] | |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['base']} | {r['fine_tuned']} | {r['delta']} | {r['verdict']} |"
+              for r in metric_rows(metrics)]
+    return "\n".join(lines)
+
+
+def _prompt_text(record: dict[str, Any]) -> str:
+    """The conversation before the answer, one 'role: content' per turn (the template is in examples.jsonl)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in record.get("messages", []))
+
+
+def _gate_lines(metrics: dict[str, Any]) -> tuple[str, list[str]]:
+    g = metrics.get("gate", {})
+    verdict = "PASSED: the adapter may be promoted" if g.get("passed") else "FAILED: the adapter is not promoted"
+    return verdict, list(g.get("reasons", []))
+
+
+def _per_field_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [[key, f"{v['base']:.3f}", f"{v['fine_tuned']:.3f}", f"{v['delta']:+.3f}", str(v["n"])]
+            for key, v in metrics.get("per_field", {}).items()]
+
+
+def _probe_line(metrics: dict[str, Any]) -> str:
+    p = metrics.get("probe", {})
+    if not p:
+        return "No probe-set loss was measured."
+    ci = p.get("forgetting_ci", {})
+    ci_text = f" ({metrics.get('confidence', 0.95):.0%} CI [{ci['low']:+.4f}, {ci['high']:+.4f}])" if ci else ""
+    return (f"General-instruction probe ({p['n']} examples, {p['n_tokens']} answer tokens): loss base "
+            f"{p['base_loss']:.4f} -> fine-tuned {p['fine_tuned_loss']:.4f} nats/token, change "
+            f"{metrics['forgetting']:+.4f}{ci_text}; allowed rise {p['max_forgetting']:.4f}.")
+
+
+def _example_cells(r: dict[str, Any]) -> list[str]:
+    return [_prompt_text(r), r["reference"], r["base"]["output"] or "(empty)", r["fine_tuned"]["output"] or "(empty)",
+            f"{r['base']['rouge_l']:.2f} / {r['fine_tuned']['rouge_l']:.2f}"]
+
+
+EXAMPLE_HEADER = ["prompt", "reference", "base output", "fine-tuned output", "ROUGE-L base / fine-tuned"]
+
+
+# ------------------------------------------------------------------------------------- markdown
+
+
+def render_markdown(ctx: ReportContext, images: Sequence[str]) -> str:
+    """The report as Markdown; `images` are PNG file names in the same folder."""
+    m = ctx.metrics
+    verdict, reasons = _gate_lines(m)
+    out = ["# Evaluation: base vs fine-tuned", "",
+           f"Base model `{ctx.base_model}`, adapter `{ctx.adapter}`, {m['n_test']} test examples "
+           f"({m.get('n_json', 0)} with a JSON reference), greedy decoding.", "",
+           f"## Promotion gate: {verdict}", ""]
+    out += [f"- {r}" for r in reasons] + ["", "## Metrics", "", metric_table_markdown(m), "",
+                                          "Delta = fine-tuned - base; intervals are paired bootstrap intervals "
+                                          "over test examples.", ""]
+    fields = _per_field_rows(m)
+    if fields:
+        out += ["### JSON per-field accuracy", "", "| field | base | fine-tuned | delta | n |", "|---|---|---|---|---|"]
+        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in fields] + [""]
+    out += ["## Forgetting", "", _probe_line(m), ""]
+    for name in images:
+        out += [f"## {CAPTIONS.get(name, name)}", "", f"![{CAPTIONS.get(name, name)}]({name})", ""]
+    if "token_hist.png" in images and ctx.histogram_source:
+        out += [f"Token histogram from {ctx.histogram_source}.", ""]
+    if "loss_curve.png" not in images:
+        out += [NO_LOSS_CURVE, ""]
+    for title, records in (("Best examples (fine-tuned)", ctx.best), ("Worst examples (fine-tuned)", ctx.worst)):
+        if not records:
+            continue
+        out += [f"## {title}", "", "| " + " | ".join(EXAMPLE_HEADER) + " |", "|" + "---|" * len(EXAMPLE_HEADER)]
+        out += ["| " + " | ".join(_md_cell(c) for c in _example_cells(r)) + " |" for r in records] + [""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------- html
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;width:100%;margin:.5rem 0;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.35rem .5rem;text-align:left;vertical-align:top}
+th{background:#f5f5f5}td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+td pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:.85rem;max-height:16rem;overflow:auto}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
+.better{color:#1a7f37}.worse{color:#cf222e}.muted{color:#666}
+img{max-width:100%;height:auto}.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots figure{margin:0;flex:1 1 480px}
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _cut(text: Any, limit: int = CELL_CHARS) -> str:
+    s = str(text)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, pre: bool = False,
+           classes: Sequence[str] = ()) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, c in enumerate(row):
+            cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
+            cells.append(f"<td{cls}><pre>{_e(_cut(c))}</pre></td>" if pre else f"<td{cls}>{_e(c)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(ctx: ReportContext, images: dict[str, bytes]) -> str:
+    """One self-contained page: inline CSS, plots as data: URIs, no external request of any kind."""
+    m = ctx.metrics
+    verdict, reasons = _gate_lines(m)
+    level = f"{m.get('confidence', 0.95):.0%}"
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<title>Evaluation: {_e(ctx.adapter)}</title><style>{CSS}</style></head><body>",
+        "<h1>Evaluation: base vs fine-tuned</h1>",
+        f"<p>Base model <code>{_e(ctx.base_model)}</code>, adapter <code>{_e(ctx.adapter)}</code>, "
+        f"{m['n_test']} test examples ({m.get('n_json', 0)} with a JSON reference), greedy decoding.</p>",
+        f"<h2>Promotion gate: <span class=\"{'pass' if m.get('gate', {}).get('passed') else 'fail'}\">"
+        f"{_e(verdict)}</span></h2>",
+        "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>",
+        "<h2>Metrics</h2>",
+    ]
+    rows = metric_rows(m)
+    parts.append(_table(["metric", f"base [{level} CI]", f"fine-tuned [{level} CI]", f"delta [{level} CI]", ""],
+                        [[r["metric"], r["base"], r["fine_tuned"], r["delta"], r["verdict"]] for r in rows],
+                        classes=["", "num", "num", "num", ""]))
+    parts.append("<p class=\"muted\">Delta = fine-tuned - base; intervals are paired bootstrap intervals over "
+                 "test examples.</p>")
+    fields = _per_field_rows(m)
+    if fields:
+        parts += ["<h3>JSON per-field accuracy</h3>",
+                  _table(["field", "base", "fine-tuned", "delta", "n"], fields,
+                         classes=["", "num", "num", "num", "num"])]
+    parts += ["<h2>Forgetting</h2>", f"<p>{_e(_probe_line(m))}</p>"]
+    if images:
+        figs = []
+        for name, png in images.items():
+            data = base64.b64encode(png).decode("ascii")
+            caption = CAPTIONS.get(name, name)
+            if name == "token_hist.png" and ctx.histogram_source:
+                caption += f" (from {ctx.histogram_source})"
+            figs.append(f"<figure><img alt=\"{_e(caption)}\" src=\"data:image/png;base64,{data}\">"
+                        f"<figcaption class=\"muted\">{_e(caption)}</figcaption></figure>")
+        parts += ["<h2>Plots</h2>", "<div class=\"plots\">" + "".join(figs) + "</div>"]
+    if "loss_curve.png" not in images:
+        parts.append(f"<p class=\"muted\">{_e(NO_LOSS_CURVE)}</p>")
+    for title, records in (("Best examples (fine-tuned)", ctx.best), ("Worst examples (fine-tuned)", ctx.worst)):
+        if records:
+            parts += [f"<h2>{_e(title)}</h2>", _table(EXAMPLE_HEADER, [_example_cells(r) for r in records], pre=True)]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

@@ -116,7 +116,7 @@ def tiny_overrides(model_dir: Path) -> dict:
     """Params for a fast end-to-end run with the tiny model (seconds, not minutes)."""
     return {
         "model": {"source": "local", "name": str(model_dir)},
-        "format": {"max_length": 256},
+        "format": {"max_length": 1024},  # the tiny 400-token BPE needs ~4x the tokens of a real one
         "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
         "evaluate": {"max_examples": 8, "max_new_tokens": 8, "bootstrap_samples": 100},
     }

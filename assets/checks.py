@@ -1,0 +1,365 @@
+"""Asset checks: the data contracts (pipelines.schemas) and stage reports, re-checked on the written files,
+each with its evidence in metadata. Blocking checks stop the rest of the run when they fail:
+
+    formatted_dataset / schema                  nothing malformed reaches the split or the trainer
+    dataset_splits / no_leakage                 no duplicate straddles train and evaluation splits
+    evaluation_report / fine_tuned_beats_base   only an adapter that beats the base gets promoted
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandera.errors
+import pandera.pandas as pa
+
+from assets.automation import CHECK_WITH_ASSET
+from assets.data import base_model, cleaned_examples, dataset_splits, formatted_dataset, raw_examples, raw_files
+from assets.evaluation import evaluation_report, promoted_adapter
+from assets.metadata import mapping_table, md_table
+from assets.training import lora_adapter
+from assets.versions import RAW_SUFFIXES, raw_file_hashes
+from pipelines.io import read_json, read_jsonl, sha256_tree
+from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
+from resources.project import ProjectResource
+
+CHUNK_ROWS = 5000  # rows validated at once: bounded memory on large files
+SHOWN_FAILURES = 10  # failure cases listed in the evidence
+SPLITS = ("train", "validation", "test")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _chunks(path: Path) -> Iterator[list[dict[str, Any]]]:
+    rows = read_jsonl(path)
+    while chunk := list(islice(rows, CHUNK_ROWS)):
+        yield chunk
+
+
+def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg.AssetCheckResult:
+    """Validate JSONL files against a pandera model in chunks (ids must be unique across chunks too)."""
+    rows_per_file: dict[str, int] = {}
+    failures: list[dict[str, Any]] = []
+    n_failures = 0
+    for name, path in files.items():
+        if not path.is_file():
+            failures.append({"file": name, "column": "", "check": "file exists", "row": "", "value": str(path)})
+            n_failures += 1
+            continue
+        seen: set[str] = set()
+        n = 0
+        for chunk in _chunks(path):
+            try:
+                validate(schema, chunk)
+            except pandera.errors.SchemaErrors as exc:
+                cases = exc.failure_cases
+                n_failures += len(cases)
+                for case in cases.head(SHOWN_FAILURES).to_dict("records"):
+                    index = case.get("index")
+                    row = n + int(index) + 1 if isinstance(index, (int, float)) and not math.isnan(index) else ""
+                    failures.append({"file": name, "column": case.get("column"), "check": case.get("check"),
+                                     "row": row, "value": str(case.get("failure_case"))[:80]})
+            for i, row in enumerate(chunk):
+                if row.get("id") in seen:
+                    n_failures += 1
+                    failures.append({"file": name, "column": "id", "check": "unique across file",
+                                     "row": n + i + 1, "value": str(row.get("id"))})
+                seen.add(row.get("id"))
+            n += len(chunk)
+        rows_per_file[name] = n
+    return dg.AssetCheckResult(
+        passed=n_failures == 0,
+        metadata={
+            "schema": schema.__name__,
+            "rows_checked": sum(rows_per_file.values()),
+            "rows_per_file": dg.MetadataValue.md(mapping_table(rows_per_file, key="file")),
+            "failures": n_failures,
+            "failure_cases": dg.MetadataValue.md(md_table(failures[:SHOWN_FAILURES])),
+        },
+    )
+
+
+def _missing(path: Path, stage: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=False, metadata={"missing": dg.MetadataValue.path(str(path)), "fix": f"materialise {stage} first"}
+    )
+
+
+# -------------------------------------------------------------------------------------------- raw
+
+
+@dg.asset_check(asset=raw_files, name="has_data_files", description="paths.raw_dir holds at least one data file "
+                "ingest can read; lists files it will ignore.")
+def raw_files_has_data_files(project: ProjectResource) -> dg.AssetCheckResult:
+    raw_dir = project.params().path("raw_dir")
+    hashes = raw_file_hashes(raw_dir)
+    ignored = sorted(
+        p.relative_to(raw_dir).as_posix() for p in raw_dir.rglob("*")
+        if p.is_file() and p.relative_to(raw_dir).as_posix() not in hashes
+    ) if raw_dir.is_dir() else []
+    return dg.AssetCheckResult(
+        passed=bool(hashes),
+        metadata={"data_files": len(hashes), "ignored_files": dg.MetadataValue.json(ignored),
+                  "readable_suffixes": ", ".join(RAW_SUFFIXES)},
+    )
+
+
+@dg.asset_check(asset=raw_examples, name="schema", description="Every row follows ConversationSchema; ids unique.")
+def raw_examples_schema(project: ProjectResource) -> dg.AssetCheckResult:
+    path = project.params().path("raw_examples") / "examples.jsonl"
+    return schema_result(ConversationSchema, {"examples.jsonl": path})
+
+
+@dg.asset_check(asset=raw_examples, name="bad_row_share",
+                description="Malformed rows are at most data.max_bad_fraction of the rows read.")
+def raw_examples_bad_row_share(project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.params()
+    report_path = params.path("raw_examples") / "report.json"
+    if not report_path.is_file():
+        return _missing(report_path, "raw_examples")
+    report = read_json(report_path)
+    share, limit = report.get("bad_fraction", 0.0), params.data.max_bad_fraction
+    return dg.AssetCheckResult(
+        passed=share <= limit,
+        metadata={"rows_read": report.get("rows_in", 0), "malformed": report.get("malformed", 0),
+                  "bad_fraction": float(share), "max_bad_fraction": float(limit),
+                  "quarantined_by_rule": dg.MetadataValue.md(mapping_table(report.get("rules", {}), key="rule")),
+                  "quarantine": dg.MetadataValue.path(str(params.path("raw_examples") / "quarantine.jsonl"))},
+    )
+
+
+# ------------------------------------------------------------------------------------------ clean
+
+
+@dg.asset_check(asset=cleaned_examples, name="schema", description="Every row follows ConversationSchema; ids unique.")
+def cleaned_examples_schema(project: ProjectResource) -> dg.AssetCheckResult:
+    path = project.params().path("cleaned") / "examples.jsonl"
+    return schema_result(ConversationSchema, {"examples.jsonl": path})
+
+
+@dg.asset_check(asset=cleaned_examples, name="no_exact_duplicates",
+                description="No two rows have the same normalised conversation text (pipelines.dedup.exact_key).")
+def cleaned_examples_no_exact_duplicates(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.dedup import conversation_text, exact_key
+
+    params = project.params()
+    path = params.path("cleaned") / "examples.jsonl"
+    if not path.is_file():
+        return _missing(path, "cleaned_examples")
+    ids_by_key: dict[str, list[str]] = defaultdict(list)
+    for row in read_jsonl(path):
+        ids_by_key[exact_key(conversation_text(row))].append(row["id"])
+    dups = [ids for ids in ids_by_key.values() if len(ids) > 1]
+    return dg.AssetCheckResult(
+        # With clean.exact_dedup off, duplicates are the user's choice: reported, not failed.
+        passed=not dups or not params.clean.exact_dedup,
+        severity=dg.AssetCheckSeverity.ERROR if params.clean.exact_dedup else dg.AssetCheckSeverity.WARN,
+        metadata={"rows": sum(len(ids) for ids in ids_by_key.values()), "duplicate_groups": len(dups),
+                  "exact_dedup_enabled": params.clean.exact_dedup,
+                  "examples": dg.MetadataValue.json([ids[:5] for ids in dups[:SHOWN_FAILURES]])},
+    )
+
+
+# ----------------------------------------------------------------------------------------- format
+
+
+@dg.asset_check(asset=formatted_dataset, name="schema", blocking=True,
+                description="Every row follows FormattedSchema (token counts consistent); blocks split and training.")
+def formatted_dataset_schema(project: ProjectResource) -> dg.AssetCheckResult:
+    path = project.params().path("formatted") / "dataset.jsonl"
+    return schema_result(FormattedSchema, {"dataset.jsonl": path})
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+def _split_files(project: ProjectResource) -> dict[str, Path]:
+    folder = project.params().path("splits")
+    return {name: folder / f"{name}.jsonl" for name in SPLITS}
+
+
+@dg.asset_check(asset=dataset_splits, name="no_leakage", blocking=True,
+                description="No exact duplicate and no near-duplicate pair (Jaccard >= clean.near_dup_threshold) "
+                "sits in two different splits; blocks training.")
+def dataset_splits_no_leakage(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.split import leakage
+
+    params = project.params()
+    files = _split_files(project)
+    if missing := [p for p in files.values() if not p.is_file()]:
+        return _missing(missing[0], "dataset_splits")
+    splits = {name: list(read_jsonl(path)) for name, path in files.items()}
+    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
+    exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
+    examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
+                 "jaccard": e["jaccard"]} for e in leak.get("examples", [])]
+    return dg.AssetCheckResult(
+        passed=exact == 0 and near == 0,
+        metadata={"exact_duplicates_across_splits": exact, "near_duplicate_pairs_across_splits": near,
+                  "threshold": float(leak["threshold"]), "examples": dg.MetadataValue.md(md_table(examples))},
+    )
+
+
+@dg.asset_check(asset=dataset_splits, name="schema", description="Every split follows SplitSchema; ids unique.")
+def dataset_splits_schema(project: ProjectResource) -> dg.AssetCheckResult:
+    return schema_result(SplitSchema, {f"{name}.jsonl": path for name, path in _split_files(project).items()})
+
+
+@dg.asset_check(asset=dataset_splits, name="non_empty",
+                description="Every split with a positive ratio in params.split has rows.")
+def dataset_splits_non_empty(project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.params()
+    counts = {name: sum(1 for _ in read_jsonl(path)) if path.is_file() else 0
+              for name, path in _split_files(project).items()}
+    empty = [name for name, n in counts.items() if n == 0 and getattr(params.split, name) > 0]
+    return dg.AssetCheckResult(
+        passed=not empty,
+        metadata={**{f"rows_{name}": n for name, n in counts.items()}, "empty_splits": ", ".join(empty) or "none"},
+    )
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def _weights_file(folder: Path) -> Path:
+    return folder / ("adapter_model.safetensors" if (folder / "adapter_config.json").exists() else "model.safetensors")
+
+
+@dg.asset_check(asset=lora_adapter, name="loads", automation_condition=CHECK_WITH_ASSET,
+                description="The adapter files exist, its weights are finite, and it loads onto the base model.")
+def lora_adapter_loads(project: ProjectResource) -> dg.AssetCheckResult:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    params = project.params()
+    folder, base_dir = params.path("adapter"), params.path("base_model")
+    weights = _weights_file(folder)
+    if not weights.is_file():
+        return _missing(weights, "lora_adapter")
+    tensors = load_file(str(weights))
+    non_finite = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
+    trust = params.model.trust_remote_code
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust),
+                                          folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    return dg.AssetCheckResult(
+        passed=bool(tensors) and not non_finite,
+        metadata={"files": dg.MetadataValue.json(sorted(p.name for p in folder.iterdir())),
+                  "tensors": len(tensors), "adapter_params": sum(t.numel() for t in tensors.values()),
+                  "loaded_model_params": sum(p.numel() for p in model.parameters()),
+                  "non_finite_tensors": dg.MetadataValue.json(non_finite[:SHOWN_FAILURES])},
+    )
+
+
+@dg.asset_check(asset=lora_adapter, name="eval_loss_finite", automation_condition=CHECK_WITH_ASSET,
+                description="The final validation loss (train loss when there is no validation split) is finite.")
+def lora_adapter_eval_loss_finite(project: ProjectResource) -> dg.AssetCheckResult:
+    path = project.params().path("adapter") / "train_metrics.json"
+    if not path.is_file():
+        return _missing(path, "lora_adapter")
+    metrics = read_json(path)
+    key = "final_eval_loss" if metrics.get("final_eval_loss") is not None else "final_train_loss"
+    loss = metrics.get(key)
+    finite = isinstance(loss, (int, float)) and math.isfinite(loss)
+    return dg.AssetCheckResult(
+        passed=finite,
+        metadata={"loss_used": key, key: float(loss) if finite else dg.MetadataValue.text(str(loss)),
+                  "best_eval_loss": dg.MetadataValue.text(str(metrics.get("best_eval_loss"))),
+                  "steps": metrics.get("steps", 0)},
+    )
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@dg.asset_check(asset=evaluation_report, name="fine_tuned_beats_base", blocking=True,
+                automation_condition=CHECK_WITH_ASSET,
+                description="The promotion gate (pipelines.evaluate.gate): the fine-tuned adapter beats the base "
+                "on evaluate.primary_metric by evaluate.min_improvement with a confidence interval above 0, and "
+                "forgets at most evaluate.max_forgetting; blocks promotion.")
+def fine_tuned_beats_base(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.evaluate import gate
+
+    params = project.params()
+    path = params.path("metrics")
+    if not path.is_file():
+        return _missing(path, "evaluation_report")
+    metrics = read_json(path)
+    passed, reasons = gate(metrics, params.evaluate)
+    primary = params.evaluate.primary_metric
+    rows = [{"model": m, primary: metrics.get(m, {}).get(primary), "loss": metrics.get(m, {}).get("loss")}
+            for m in ("base", "fine_tuned", "delta")]
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
+                  "primary_metric": primary, "scores": dg.MetadataValue.md(md_table(rows)),
+                  "forgetting": dg.MetadataValue.text(str(metrics.get("forgetting"))),
+                  "gate": dg.MetadataValue.json(params.evaluate.model_dump(mode="json"))},
+    )
+
+
+@dg.asset_check(asset=promoted_adapter, name="matches_evaluated_adapter", automation_condition=CHECK_WITH_ASSET,
+                description="The promoted folder holds exactly the adapter the gate passed (content hashes match).")
+def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.promote import MANIFEST
+
+    params = project.params()
+    folder = params.path("promoted")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return _missing(manifest_path, "promoted_adapter")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    adapter_sha = sha256_tree(params.path("adapter")) if params.path("adapter").is_dir() else "missing"
+    copied = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    source = {p.relative_to(params.path("adapter")).as_posix()
+              for p in params.path("adapter").rglob("*") if p.is_file()} if adapter_sha != "missing" else set()
+    passed = manifest.get("adapter_sha256") == adapter_sha and copied == source and bool(manifest["gate"]["passed"])
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"promoted_sha256": str(manifest.get("adapter_sha256"))[:16], "adapter_sha256": adapter_sha[:16],
+                  "files": len(copied), "gate_passed": bool(manifest["gate"]["passed"])},
+    )
+
+
+@dg.asset_check(asset=base_model, name="loads_with_chat_template",
+                description="Config and tokenizer load, the tokenizer has a chat template, weights are safetensors.")
+def base_model_loads(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.base_model import PICKLE_SUFFIXES, check_output
+    from pipelines.io import StageError
+
+    params = project.params()
+    folder = params.path("base_model")
+    if not folder.is_dir():
+        return _missing(folder, "base_model")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
+    try:
+        facts, problem = check_output(folder, params.model), ""
+    except (StageError, OSError, ValueError) as exc:  # OSError/ValueError: transformers cannot read the folder
+        facts, problem = {}, str(exc)
+    return dg.AssetCheckResult(
+        passed=not problem and not pickles and bool(safetensors),
+        metadata={**{k: str(v) for k, v in facts.items()}, "safetensors": dg.MetadataValue.json(safetensors),
+                  "pickle_files": dg.MetadataValue.json(pickles), "problem": problem or "none"},
+    )
+
+
+CHECKS = [
+    raw_files_has_data_files, base_model_loads, raw_examples_schema, raw_examples_bad_row_share,
+    cleaned_examples_schema, cleaned_examples_no_exact_duplicates, formatted_dataset_schema,
+    dataset_splits_no_leakage, dataset_splits_schema, dataset_splits_non_empty,
+    lora_adapter_loads, lora_adapter_eval_loss_finite, fine_tuned_beats_base, promoted_adapter_matches_evaluated,
+]

@@ -1,0 +1,94 @@
+"""The run card (README.md model card) written next to a trained adapter.
+
+It records what is needed to reproduce or audit the run: base model and its hash, data hashes, the train
+params, library versions, device, seed and the final losses. The YAML front matter follows the Hugging Face
+model-card convention (base_model, library_name, tags) so the folder reads correctly on the hub.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from typing import Any
+
+import yaml
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def render_run_card(card: dict[str, Any]) -> str:
+    """Markdown model card from the run's facts (keys: base_model, method, data, params, env, metrics, ...)."""
+    base = card["base_model"]
+    front = {
+        "base_model": base.get("name"),
+        "library_name": "peft" if card["method"] != "full" else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["trl", "sft", card["method"]],
+    }
+    metrics = card["metrics"]
+    headline = [
+        ("final train loss", metrics.get("final_train_loss")),
+        ("best validation loss", metrics.get("best_eval_loss")),
+        ("final validation loss", metrics.get("final_eval_loss")),
+        ("optimizer steps", metrics.get("steps")),
+        ("early stopped", metrics.get("early_stopped")),
+        ("train tokens seen (non-pad)", metrics.get("tokens_seen")),
+        ("tokens / s", metrics.get("tokens_per_s")),
+        ("padding efficiency", metrics.get("padding_efficiency")),
+        ("wall time (s)", metrics.get("train_wall_time_s")),
+        ("peak RSS (MB)", metrics.get("peak_rss_mb")),
+        ("trainable / total parameters", f"{metrics.get('trainable_params')} / {metrics.get('total_params')}"),
+    ]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# Fine-tuned {card['method']} of {base.get('name')}",
+        "",
+        "Trained by the fine-tuning factory (`python -m pipelines train`) with TRL `SFTTrainer`; the loss is",
+        "computed on the assistant turns only (end-of-turn token included).",
+        "",
+        "## Results",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        *(f"| {name} | {_fmt(value)} |" for name, value in headline if value is not None),
+        "",
+        "## Reproduce",
+        "",
+        f"- base model: `{json.dumps(base, sort_keys=True)}`",
+        f"- base model sha256: `{card['base_model_sha256']}`",
+        *(f"- {split} split sha256: `{digest}`" for split, digest in card["data"].items()),
+        f"- run hash (data + base model + train params): `{card['run_hash']}`",
+        f"- seed: {card['params'].get('seed')}",
+        f"- device: {card['env'].get('device')}, precision {card['env'].get('precision')}, "
+        f"{card['env'].get('num_processes')} process(es), {card['env'].get('num_threads')} thread(s)",
+        "",
+        "### Train params (params.yaml `train:`)",
+        "",
+        "```yaml",
+        yaml.safe_dump(card["params"], sort_keys=False).strip(),
+        "```",
+        "",
+        "### Library versions",
+        "",
+        *(f"- {name} {version}" for name, version in card["versions"].items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""Training stage: completion-only masking, LoRA/DoRA/QLoRA/full on a tiny model, resume after a kill, the environment.
+
+    .venv/bin/python -m pytest tests/test_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines import train
+from pipelines.config import load_params
+from pipelines.io import StageError, read_json
+from pipelines.train import CountingCollator, TrainEnv, encode_example, encode_split, to_dataset
+from tests.conftest import REPO
+
+CPU = TrainEnv.resolve(device="cpu", num_threads=1)
+
+# Rows as they arrive from the split stage (after ingest normalised each raw format to messages).
+ALPACA = {  # instruction + input -> output, one turn
+    "messages": [
+        {"role": "user", "content": "Give three tips for staying healthy."},
+        {"role": "assistant", "content": "Eat well, sleep, exercise."},
+    ],
+    "tools": None,
+}
+MULTI_TURN = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "My card was charged twice."},
+        {"role": "assistant", "content": '{"category": "billing"}'},
+        {"role": "user", "content": "The app crashes."},
+        {"role": "assistant", "content": '{"category": "bug", "priority": "high"}'},
+    ],
+    "tools": None,
+}
+SHAREGPT_TOOLS = {  # from/value turns with a function call and its result
+    "messages": [
+        {"role": "user", "content": "Where is my parcel?"},
+        {"role": "assistant", "content": '{"name": "track", "arguments": {"order": 7}}'},
+        {"role": "tool", "content": '{"status": "in transit"}'},
+        {"role": "assistant", "content": "Your parcel is in transit."},
+    ],
+    "tools": json.dumps([{"type": "function", "function": {"name": "track", "parameters": {"type": "object"}}}]),
+}
+
+QA = [("My card was charged twice", '{"category": "billing"}'), ("I cannot log in", '{"category": "login"}'),
+      ("The app crashes", '{"category": "bug"}'), ("Where is my parcel?", '{"category": "shipping"}')]
+
+
+def chat_rows(n: int) -> list[dict]:
+    """A memorisable set: four questions (padded with '!' to vary lengths) and their fixed answers."""
+    return [
+        {"id": f"{i:04x}", "messages": [{"role": "user", "content": QA[i % 4][0] + "!" * (i % 5)},
+                                        {"role": "assistant", "content": QA[i % 4][1]}], "tools": None}
+        for i in range(n)
+    ]
+
+
+def make_project(root: Path, model_dir: Path, train: dict | None = None, *, n_train: int = 16,
+                 n_val: int = 4) -> Path:
+    """params.yaml + splits in `root`, the base model pointed at the tiny model folder."""
+    splits = root / "data" / "splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    rows = chat_rows(n_train)
+    (splits / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (splits / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_val]))
+    settings = {"max_steps": 8, "batch_size": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1,
+                "learning_rate": 0.01, "warmup_ratio": 0.0, **(train or {})}
+    params = {"paths": {"base_model": str(model_dir)}, "train": settings}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- masking
+@pytest.mark.parametrize("row", [ALPACA, MULTI_TURN, SHAREGPT_TOOLS], ids=["alpaca", "multi_turn", "sharegpt_tools"])
+def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tiny_tokenizer, row):
+    example, truncated = encode_example(tiny_tokenizer, row, max_length=512)
+    ids, labels = example["input_ids"], example["labels"]
+    eos = tiny_tokenizer.eos_token_id
+    assert not truncated
+    assert ids[-1] == eos and labels[-1] == eos, "the final end-of-turn token must be trained (model learns to stop)"
+    # Every labelled run of tokens decodes to one assistant message + its end-of-turn token, in order.
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    expected = [m["content"] + "<|im_end|>" for m in row["messages"] if m["role"] == "assistant"]
+    assert [tiny_tokenizer.decode(r) for r in runs] == expected
+    # Nothing of the system/user/tool turns or the role headers is trained.
+    assert sum(label != -100 for label in labels) == sum(len(r) for r in runs)
+
+
+def test_padded_batch_masks_pads_and_keeps_every_eos(tiny_tokenizer):
+    split = encode_split(tiny_tokenizer, [ALPACA, MULTI_TURN, SHAREGPT_TOOLS], 512, "train.jsonl")
+    collator = CountingCollator(pad_token_id=tiny_tokenizer.pad_token_id)
+    batch = collator([{**e, "is_eval": False} for e in split.examples])
+    eos = tiny_tokenizer.eos_token_id
+    for row, example in enumerate(split.examples):
+        n = len(example["input_ids"])
+        assert batch["labels"][row, n - 1] == eos  # the last real token: EOS, trained
+        assert (batch["labels"][row, n:] == -100).all()  # pads never in the loss
+        assert (batch["attention_mask"][row, n:] == 0).all() and batch["attention_mask"][row, :n].all()
+    real, slots, trained = collator.counts["train"]
+    assert real == split.n_tokens and slots == batch["input_ids"].numel() and trained == split.n_label_tokens
+    assert collator.counts["eval"] == [0, 0, 0]
+
+
+def test_overlong_rows_keep_the_answer(tiny_tokenizer):
+    example, truncated = encode_example(tiny_tokenizer, MULTI_TURN, max_length=12)
+    assert truncated and len(example["input_ids"]) == 12
+    assert example["labels"][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_row_without_assistant_tokens_is_a_user_error(tiny_tokenizer):
+    row = {"messages": [{"role": "user", "content": "hi"}], "tools": None}
+    with pytest.raises(StageError, match=r"train.jsonl line 2: .*no assistant tokens"):
+        encode_split(tiny_tokenizer, [ALPACA, row], max_length=512, where="train.jsonl")
+
+
+def test_trainer_batches_are_the_encoded_rows(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """TRL gets the rows pre-tokenised: its batches carry our labels unchanged (no re-masking, no extra EOS)."""
+    split = encode_split(tiny_tokenizer, [ALPACA, MULTI_TURN, SHAREGPT_TOOLS] * 2, 512, "train.jsonl")
+    cfg = load_params(make_project(tmp_path, tiny_model_dir, {"batch_size": 3})).train
+    model = train.load_model(tiny_model_dir, cfg, CPU)
+    trainer = train.build_trainer(model, tiny_tokenizer, to_dataset(split, is_eval=False), None, cfg, CPU,
+                                  tmp_path / "ckpt")
+    encoded = {tuple(e["input_ids"]): e["labels"] for e in split.examples}
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            n = int(mask.sum())
+            assert labels[:n].tolist() == encoded[tuple(ids[:n].tolist())]
+            seen += 1
+    assert seen == len(split.examples)
+    assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing  # TRL's defaults, off on CPU
+
+
+# -------------------------------------------------------------------------------------------------- training
+def test_lora_trains_adapter_weights_and_leaves_base_weights(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 5})).train
+    split = encode_split(tiny_tokenizer, chat_rows(8), 512, "train.jsonl")
+    model = train.load_model(tiny_model_dir, cfg, CPU)
+    trainer = train.build_trainer(model, tiny_tokenizer, to_dataset(split, is_eval=False), None, cfg, CPU,
+                                  tmp_path / "ckpt")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base
+    assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in base)
+
+
+def test_loss_goes_down_and_outputs_are_complete(tmp_path, tiny_model_dir):
+    logs: list[dict] = []
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 24, "eval_steps": 8,
+                                                                "save_steps": 8}))
+    result = train.run(params, CPU, on_log=logs.append)
+    out = params.path("adapter")
+    losses = [entry["loss"] for entry in logs if "loss" in entry]
+    assert losses[-1] < 0.85 * losses[0], losses
+    m = read_json(out / "train_metrics.json")
+    evals = [h["eval_loss"] for h in read_json(out / "train_log.json") if "eval_loss" in h]
+    assert m["steps"] == 24 and m["final_eval_loss"] < evals[0]
+    assert 0 < m["padding_efficiency"] <= 1 and m["tokens_seen"] <= m["token_slots"]
+    assert m["trained_tokens"] < m["tokens_seen"] and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert 0 < m["trainable_params"] < m["total_params"]
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "train_log.json",
+            "train_metrics.json", "loss_curve.png"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth"))]  # no pickle is shipped
+    card = (out / "README.md").read_text()
+    for fact in ("base model sha256", "train split sha256", "seed: 42", "transformers", "final train loss"):
+        assert fact in card
+    assert result.metrics["loss_curve"]["train_loss"] == losses
+    assert any("step" in entry and "max_steps" in entry for entry in logs)
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_dora_and_full_fine_tuning(tmp_path, tiny_model_dir, method):
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"method": method, "max_steps": 4}))
+    result = train.run(params, CPU)
+    out = params.path("adapter")
+    if method == "full":
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        assert result.metrics["trainable_params"] == result.metrics["total_params"]
+    else:
+        assert read_json(out / "adapter_config.json")["use_dora"] is True
+        assert result.metrics["trainable_params"] < result.metrics["total_params"]
+    assert result.metrics["steps"] == 4
+
+
+def test_early_stopping_on_validation_loss(tmp_path, tiny_model_dir):
+    # A learning rate far too high makes the validation loss worse at once; patience 2 stops after 3 evaluations.
+    params = load_params(make_project(tmp_path, tiny_model_dir, {
+        "max_steps": 40, "learning_rate": 3.0, "eval_steps": 1, "save_steps": 1, "early_stopping_patience": 2}))
+    result = train.run(params, CPU)
+    assert result.metrics["early_stopped"] is True and result.metrics["steps"] < 40
+
+
+def test_no_validation_rows_trains_without_evaluation(tmp_path, tiny_model_dir):
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2}, n_val=0))
+    result = train.run(params, CPU)
+    assert result.metrics["final_eval_loss"] is None and result.metrics["validation_rows"] == 0
+
+
+def test_missing_splits_name_the_stage(tmp_path, tiny_model_dir):
+    params = load_params(make_project(tmp_path, tiny_model_dir))
+    (params.path("splits") / "train.jsonl").unlink()
+    with pytest.raises(StageError, match="split"):
+        train.run(params, CPU)
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA / 4-bit
+def test_qlora_trains_on_a_4bit_base(tmp_path, tiny_model_dir):
+    reason = train.four_bit_unsupported("cpu")
+    if reason:
+        pytest.skip(f"bitsandbytes cannot quantise to 4-bit on this CPU: {reason}")
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"method": "qlora", "max_steps": 3}))
+    model = train.load_model(params.path("base_model"), params.train, CPU)
+    assert model.is_loaded_in_4bit and model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert model.config.quantization_config.bnb_4bit_use_double_quant
+    result = train.run(params, CPU)
+    assert (params.path("adapter") / "adapter_model.safetensors").is_file() and result.metrics["steps"] == 3
+    assert result.metrics["final_train_loss"] == result.metrics["final_train_loss"]  # not NaN
+
+
+def test_qlora_without_4bit_support_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(train, "four_bit_unsupported", lambda device: "no CPU backend")
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"method": "qlora"}))
+    with pytest.raises(StageError, match=r"needs 4-bit loading.*no CPU backend.*use method 'lora'"):
+        train.run(params, CPU)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _train_cmd(params_file: Path) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINES_TRAIN_THREADS": "1", "PIPELINES_TRAIN_DEVICE": "cpu",
+           "PYTHONPATH": str(REPO)}
+    return [sys.executable, "-m", "pipelines", "train", "--params", str(params_file)], env
+
+
+def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, tiny_model_dir):
+    params_file = make_project(tmp_path, tiny_model_dir, {"max_steps": 60, "save_steps": 5, "eval_steps": 5,
+                                                          "early_stopping_patience": 0})
+    params = load_params(params_file)
+    cmd, env = _train_cmd(params_file)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob("checkpoint-*/fingerprint.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up, no final save
+    proc.wait()
+    complete = sorted(train._step(p.parent) for p in run_dir.glob("checkpoint-*/fingerprint.json"))
+    assert complete and complete[-1] < 60
+    assert not params.path("adapter").exists()
+
+    result = train.run(params, CPU)
+    assert result.metrics["resumed_from_step"] >= complete[-1] and result.metrics["steps"] == 60
+    history = read_json(params.path("adapter") / "train_log.json")
+    assert history[0]["step"] == 1  # the log of the killed run is restored from the checkpoint
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_model_dir):
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 4}))
+    train.run(params, CPU)
+    old_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
+    changed = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 4, "learning_rate": 0.002}))
+    new_dir = params.path("checkpoints") / train.run_fingerprint(changed)["run_hash"]
+    assert new_dir != old_dir
+    new_dir.mkdir(parents=True)
+    shutil.copytree(old_dir / "checkpoint-4", new_dir / "checkpoint-4")  # e.g. copied by hand
+    with pytest.raises(StageError, match=r"different run \(train_params changed\)"):
+        train.run(changed, CPU)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def test_env_auto_on_a_cpu_machine_is_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = TrainEnv.resolve()
+    assert (env.device, env.precision, env.launcher) == ("cpu", "fp32", "in_process") and env.num_threads >= 1
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"device": "cpu", "precision": "bf16"}, "CPU training runs in fp32"),
+    ({"device": "tpu"}, "device = 'tpu' is not allowed"),
+    ({"num_processes": 0}, "at least 1"),
+])
+def test_env_refuses_what_cannot_work(kwargs, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StageError, match=message):
+        TrainEnv.resolve(**kwargs)
+
+
+def test_env_variables_override_and_round_trip(monkeypatch):
+    env = TrainEnv.resolve(device="cpu", num_threads=3, launcher="accelerate", num_processes=2)
+    for key, value in env.environ().items():
+        monkeypatch.setenv(key, value)
+    assert TrainEnv.auto() == env
+
+
+def test_trainer_resource_resolves_the_same_env():
+    from resources.trainer import TrainerResource
+
+    assert TrainerResource(device="cpu", num_threads=2).env() == TrainEnv.resolve(device="cpu", num_threads=2)
+
+
+# ------------------------------------------------------------------------------------------ real base model
+@pytest.mark.slow
+def test_lora_on_smollm2_lowers_the_loss(tmp_path):
+    from pipelines import base_model
+
+    params = load_params(make_project(tmp_path, Path("data/base_model"),
+                                      {"max_steps": 6, "learning_rate": 0.002, "batch_size": 8}))
+    try:
+        base_model.run(params)
+    except StageError as exc:
+        pytest.skip(str(exc))
+    result = train.run(params, TrainEnv.resolve(device="cpu"))
+    curve = result.metrics["loss_curve"]["train_loss"]
+    assert curve[-1] < curve[0] and result.metrics["padding_efficiency"] > 0.5

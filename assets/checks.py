@@ -248,13 +248,14 @@ def lora_adapter_loads(project: ProjectResource) -> dg.AssetCheckResult:
     tensors = load_file(str(weights))
     non_finite = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
     trust = params.model.trust_remote_code
-    if (folder / "adapter_config.json").exists():
+    if weights.name == "adapter_model.safetensors":  # exists (checked above): the only weights peft will load
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust),
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust,
+                                                                               use_safetensors=True),
                                           folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, use_safetensors=True)
     return dg.AssetCheckResult(
         passed=bool(tensors) and not non_finite,
         metadata={"files": dg.MetadataValue.json(sorted(p.name for p in folder.iterdir())),

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         if args.stage == "check-params":
+            from pipelines.preflight import preflight
+
+            preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0
         module = importlib.import_module(STAGES[args.stage][0])

@@ -9,7 +9,8 @@ relative to the folder that holds the params file, so a copy of the project anyw
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -22,6 +23,22 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _project_path(value: str) -> str:
+    """A relative path must stay inside the project folder; leaving it takes an explicit absolute path."""
+    if not value.strip():
+        raise ValueError("an empty path is not allowed; give a folder relative to the project, e.g. data/x")
+    if Path(value).is_absolute():
+        return value
+    normal = PurePath(os.path.normpath(value))
+    if normal == PurePath("."):
+        raise ValueError("this is the project folder itself, which a stage would replace; give a subfolder, "
+                         "e.g. data/x")
+    if normal.parts[0] == "..":
+        raise ValueError("a relative path must stay inside the project folder; write an absolute path to use a "
+                         "folder outside it")
+    return value
 
 
 class PathsConfig(_Section):
@@ -38,6 +55,25 @@ class PathsConfig(_Section):
     evaluation: str = Field("data/evaluation", description="Evaluation report (HTML + Markdown + plots).")
     metrics: str = Field("data/metrics.json", description="Headline metrics, declared as DVC metrics.")
     promoted: str = Field("data/promoted", description="The adapter that passed the promotion gate.")
+
+    @field_validator("*")
+    @classmethod
+    def _inside_project(cls, value: str) -> str:
+        return _project_path(value)
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> PathsConfig:
+        # A stage replaces its whole output folder (pipelines.io.atomic_dir), so a folder inside or equal to
+        # another would be deleted by it; DVC refuses overlapping outputs for the same reason.
+        items = [(k, PurePath(os.path.normpath(v))) for k, v in self.model_dump().items()]
+        for i, (key_a, a) in enumerate(items):
+            for key_b, b in items[i + 1:]:
+                if a == b or a in b.parents or b in a.parents:
+                    raise ValueError(
+                        f"paths.{key_a} = '{a}' and paths.{key_b} = '{b}' overlap, and a stage replaces its whole "
+                        "output folder; give each key its own folder"
+                    )
+        return self
 
 
 class ModelConfig(_Section):
@@ -111,7 +147,7 @@ class FormatConfig(_Section):
 class SplitConfig(_Section):
     """Deterministic train/validation/test split without leakage."""
 
-    seed: int = Field(42, description="Seed of the split; same seed + same data = same split.")
+    seed: int = Field(42, ge=0, description="Seed of the split; same seed + same data = same split.")
     train: float = Field(0.8, gt=0, lt=1, description="Share of rows for training.")
     validation: float = Field(0.1, ge=0, lt=1, description="Share for validation (early stopping, eval loss).")
     test: float = Field(0.1, gt=0, lt=1, description="Share held out for the evaluation report.")
@@ -121,10 +157,11 @@ class SplitConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _ratios_sum_to_one(self) -> "SplitConfig":
+    def _ratios_sum_to_one(self) -> SplitConfig:
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"train + validation + test must sum to 1, got {total:g}")
+            raise ValueError(f"split.train + split.validation + split.test must sum to 1, got {total:g} "
+                             f"({self.train:g} + {self.validation:g} + {self.test:g}); adjust them")
         return self
 
 
@@ -144,7 +181,7 @@ class TrainConfig(_Section):
         "lora", description="lora; dora (weight-decomposed LoRA); qlora (4-bit base, CUDA only); full fine-tuning."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    seed: int = Field(42, description="Seed for weight init, data order and dropout.")
+    seed: int = Field(42, ge=0, description="Seed for weight init, data order and dropout (numpy needs >= 0).")
     learning_rate: float = Field(1e-3, gt=0, description="Peak LR; LoRA tolerates ~10x a full fine-tune's LR.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for linear warm-up.")
@@ -153,7 +190,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored if max_steps > 0).")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: use epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
     eval_steps: int = Field(25, ge=1, description="Evaluate on the validation split every N steps.")
     save_steps: int = Field(25, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
     early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
@@ -203,13 +240,31 @@ class Params(_Section):
         return value if value.is_absolute() else self.root / value
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+def _key_of(loc: tuple[Any, ...], raw: dict[str, Any]) -> tuple[tuple[Any, ...], Any]:
+    """The part of a pydantic error location that names a key of the file, and the value there.
+
+    Union branches add tags such as 'list[str]' to the location; they are not keys, so the walk stops there.
+    """
+    key: list[Any] = []
     value: Any = raw
-    for part in error["loc"]:
-        value = value.get(part) if isinstance(value, dict) else None
+    for part in loc:
+        if isinstance(value, dict):
+            key.append(part)
+            if part not in value:  # a key the file leaves out
+                return tuple(key), None
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            key.append(part)
+            value = value[part]
+        else:
+            break
+    return tuple(key), value
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
+        loc = ".".join(str(p) for p in error["loc"])
         parent = error["loc"][:-1]
         section: type[BaseModel] = Params
         for part in parent:
@@ -217,9 +272,28 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
             section = field.annotation if field and isinstance(field.annotation, type) else section
         allowed = ", ".join(k for k in section.model_fields if k != "root")
         return f"unknown key '{loc}'; allowed keys here: {allowed}"
+    key, value = _key_of(tuple(error["loc"]), raw)
+    loc = ".".join(str(p) for p in key)
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict) and kind == "value_error":  # a check across keys of a section names them itself
+        return f"'{loc}': {message}"
     where = f"'{loc}'" if loc else "the file"
     return f"{where} = {value!r} is not allowed: {message}"
+
+
+def _problems(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """One clause per key; the branches of a union (e.g. a string or a list) are joined with 'or'."""
+    by_key: dict[str, list[str]] = {}
+    for error in exc.errors():
+        text = _describe(error, raw)
+        head, sep, message = text.partition(" is not allowed: ")
+        if sep and head in by_key:
+            branch = message.removeprefix("Input should be ")
+            if branch not in (m.removeprefix("Input should be ") for m in by_key[head]):
+                by_key[head].append(branch)
+        else:
+            by_key.setdefault(head if sep else text, [message] if sep else [])
+    return "; ".join(f"{head} is not allowed: {' or '.join(msgs)}" if msgs else head for head, msgs in by_key.items())
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -230,7 +304,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"params file '{path}' is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"params file '{path}' is not valid YAML{where} ({problem}); fix the indentation or "
+                          "quoting there") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"params file '{path}' must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -242,5 +320,5 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     try:
         return Params.model_validate({**raw, "root": path.resolve().parent})
     except ValidationError as exc:
-        problems = "; ".join(_describe(e, raw) for e in exc.errors())
+        problems = _problems(exc, raw)
         raise ConfigError(f"{path}: {problems}") from None

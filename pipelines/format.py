@@ -22,16 +22,20 @@ Rows are streamed in chunks and tokenised by a pool of worker processes, so memo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ import pandera.errors
 from pipelines.chat import Message, TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
 from pipelines.config import FormatConfig, Params
 from pipelines.io import StageError, StageResult, atomic_dir, require, write_json
+from pipelines.preflight import preflight
 from pipelines.schemas import FormattedSchema, conversation_problem, validate
 
 log = logging.getLogger(__name__)
@@ -282,7 +287,10 @@ class _Chunk:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, cfg: FormatConfig) -> None:
+def _init_worker(tokenizer: Any, cfg: FormatConfig, *, in_pool: bool = False) -> None:
+    if in_pool and sys.platform.startswith("linux"):
+        # Die with the parent: a SIGKILLed (or cancelled) stage must not leave tokenizer-sized workers behind.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     _WORKER["tokenizer"], _WORKER["cfg"] = tokenizer, cfg
 
 
@@ -329,7 +337,7 @@ def _formatted_chunks(path: Path, tokenizer: Any, cfg: FormatConfig, workers: in
     # fork: workers start in milliseconds and inherit the loaded tokenizer; spawn would re-import transformers.
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     pending: deque[Future] = deque()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=partial(_init_worker, in_pool=True),
                              initargs=(tokenizer, cfg)) as pool:
         for chunk in chain(head, chunks):
             pending.append(pool.submit(_format_chunk, chunk))
@@ -343,6 +351,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     """Format cleaned/examples.jsonl into formatted/ (see the module docstring); workers=None uses every core."""
     started = time.perf_counter()
     cfg = params.format
+    preflight(params, "format")
     source = require(params.path("cleaned") / "examples.jsonl", "clean")
     tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
     n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data

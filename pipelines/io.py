@@ -8,15 +8,19 @@ partial file that a downstream stage or DVC would pick up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 
 class StageError(RuntimeError):
@@ -36,12 +40,64 @@ class StageResult:
         return f"{self.stage}: {figures}"
 
 
+def _temp_prefix(path: Path) -> str:
+    # The writer's pid is in the name, so a later writer can tell a killed run's leftover from a live one.
+    return f".{path.name}.{os.getpid()}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of `path` left by writers that were killed (their pid no longer runs).
+
+    A pid that is alive again (reused) only keeps a leftover one run longer, never deletes a live one.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..*\.tmp")
+    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if match and not _alive(int(match.group(1))):
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree, a file or a symlink (not what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,15 +123,23 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a whole folder in a temporary sibling and swap it into place when the block succeeds.
 
-    The swap is two renames (old aside, new in); the old folder is removed only after the new one is
-    in place, so at every instant either a complete old or a complete new folder exists on disk.
+    On Linux the swap is one atomic exchange of the two names, so a reader (or a kill) sees the complete
+    old folder or the complete new one, never neither; the old one is then deleted under the temporary
+    name. Elsewhere it is two renames (old aside to .<name>.old, new in); a run killed between them
+    leaves no folder, and the next write of the same folder puts the old one back first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # a previous run died between the two renames below
+    _remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
+        if path.exists() and _exchange(tmp, path):
+            _remove(tmp)  # now the previous output
+            return
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
@@ -122,7 +186,8 @@ def require(path: str | Path, produced_by: str) -> Path:
     """A stage input must exist; otherwise say which stage makes it."""
     path = Path(path)
     if not path.exists():
-        raise StageError(f"input '{path}' is missing; run the '{produced_by}' stage first (python -m pipelines {produced_by})")
+        raise StageError(f"input '{path}' is missing; run the '{produced_by}' stage first "
+                         f"(python -m pipelines {produced_by})")
     return path
 
 

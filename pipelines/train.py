@@ -44,6 +44,7 @@ from pipelines.base_model import model_hash, source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_file, write_json
+from pipelines.preflight import preflight
 from pipelines.runcard import library_versions, render_run_card
 
 log = logging.getLogger(__name__)
@@ -668,6 +669,7 @@ def _stdout_log(logs: dict[str, Any]) -> None:
 
 def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None) -> StageResult:
     """Train the adapter; `on_log` receives each trainer log dict (step, loss, learning_rate, eval_loss, ...)."""
+    preflight(params, "train")  # bad target modules / max_length: one sentence before any model is loaded
     env = env or TrainEnv.auto()
     if on_log is None and os.environ.get(ENV_PREFIX + "LOG_STDOUT") == "1":
         on_log = _stdout_log

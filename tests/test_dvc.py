@@ -38,6 +38,8 @@ def copy_repo(dest: Path) -> Path:
         skip = {n for n in names if n in _SKIP}
         if Path(folder) == REPO / "data":
             skip |= {n for n in names if n != "raw"}
+        if Path(folder) == REPO / ".dvc":  # the local cache (GBs after real runs) and DVC's scratch space
+            skip |= {"cache", "tmp"}
         return skip
 
     shutil.copytree(REPO, dest, ignore=ignore)

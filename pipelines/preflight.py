@@ -9,7 +9,7 @@ module tree is built on the meta device, which allocates no memory):
 
     model.trust_remote_code   the model folder ships its own code (auto_map) but running it is not allowed
     format.max_length         above the model's context window (max_position_embeddings)
-    train.method              qlora needs CUDA (4-bit bitsandbytes kernels); this machine has none
+    train.method              qlora needs 4-bit bitsandbytes kernels on this device
     train.lora.target_modules a name that is no module of the model, or a module LoRA cannot adapt
 
 Each failure is a ConfigError with one sentence naming the key, the value, what is allowed and the fix.
@@ -70,9 +70,13 @@ def _check_method(params: Params) -> None:
         return
     import torch
 
-    if not torch.cuda.is_available():
-        raise ConfigError("train.method = 'qlora' needs a CUDA GPU (4-bit bitsandbytes kernels) and this machine has "
-                          "none; use train.method: lora (or dora) on CPU")
+    from pipelines.train import four_bit_unsupported  # imported here: pipelines.train imports this module
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = four_bit_unsupported(device)
+    if reason:
+        raise ConfigError(f"train.method = 'qlora' needs 4-bit bitsandbytes kernels, which do not run on {device} "
+                          f"here ({reason}); use train.method: lora (or dora)")
 
 
 def _check_remote_code(params: Params, folder: Path, config: dict[str, Any]) -> None:

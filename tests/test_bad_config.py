@@ -195,11 +195,20 @@ def test_preflight_without_a_model_folder_leaves_it_to_the_stage(tmp_path):
     assert preflight(params, "format") is None
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA, so qlora is allowed")
-def test_preflight_refuses_qlora_without_cuda(model_params):
-    with pytest.raises(ConfigError, match=r"train.method = 'qlora' needs a CUDA GPU") as err:
+def test_preflight_refuses_qlora_where_4bit_kernels_are_missing(model_params, monkeypatch):
+    import pipelines.train
+
+    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: "RuntimeError: no 4-bit backend")
+    with pytest.raises(ConfigError, match=r"train.method = 'qlora' needs 4-bit bitsandbytes kernels") as err:
         preflight(model_params({"train": {"method": "qlora"}}), "train")
     assert "\n" not in str(err.value)
+
+
+def test_preflight_allows_qlora_where_4bit_kernels_run(model_params, monkeypatch):
+    import pipelines.train
+
+    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: None)
+    assert preflight(model_params({"train": {"method": "qlora"}}), "train") is None
 
 
 @pytest.mark.parametrize("config_file", ["config.json", "tokenizer_config.json"])

@@ -13,13 +13,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import platform
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from pipelines import runcard
 from pipelines.config import Params
 from pipelines.ingest import READERS
 from pipelines.io import sha256_file, sha256_tree
@@ -94,13 +94,7 @@ def code_version(*modules: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+    return runcard.library_versions(LIBRARIES)
 
 
 def _section(params: Params, dotted: str) -> Any:

@@ -359,13 +359,20 @@ def _parse_json_text(text: str, line: int) -> Record:
             "JSON is nested deeper than the parser allows", "too_deep"))
 
 
+def _unreadable(fh: IO[bytes], notes: list[str]) -> Record | None:
+    """The whole-file rejection when a streamed file's first bytes are not readable text; else rewind it."""
+    if problem := _sniff(fh.read(4)):
+        notes.append(problem)
+        return Record(1, text="", problem=Rejection(f"file {problem}", "unreadable_file"))
+    fh.seek(0)
+    return None
+
+
 def _read_jsonl(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
     with open(path, "rb") as fh:
-        if problem := _sniff(fh.read(4)):
-            notes.append(problem)
-            yield Record(1, text="", problem=Rejection(f"file {problem}", "unreadable_file"))
+        if rejected := _unreadable(fh, notes):
+            yield rejected
             return
-        fh.seek(0)
         for number, raw, too_long in _physical_lines(fh, limit):
             if too_long:
                 yield _too_long(number, limit)
@@ -506,11 +513,9 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
     previous_limit = csv.field_size_limit(limit)  # an unclosed quote must not swallow the whole file
     try:
         with open(path, "rb") as fh:
-            if problem := _sniff(fh.read(4)):
-                notes.append(problem)
-                yield Record(1, text="", problem=Rejection(f"file {problem}", "unreadable_file"))
+            if rejected := _unreadable(fh, notes):
+                yield rejected
                 return
-            fh.seek(0)
             reader = csv.reader(lines(fh))
             header: list[str] | None = None
             end = 0

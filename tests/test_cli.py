@@ -11,7 +11,6 @@ that the parser really works.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides, write_project
-from tests.test_dvc import copy_repo, dvc_executable
-from tests.test_materialize import raw_rows
+from tests.conftest import REPO, tiny_overrides
+from tests.test_dvc import copy_repo_with_tickets, dvc_executable
 
 VENV_PY = Path(sys.executable)
 DVC_PY = REPO / ".venv-dvc" / "bin" / "python"
@@ -79,12 +77,7 @@ def test_pipelines_cli_help_lists_every_stage() -> None:
 def cli_project(tmp_path_factory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
     """A repository copy with 60 tickets; DAGSTER_HOME in tmp (an existing folder, as Dagster requires)."""
     base = tmp_path_factory.mktemp("cli")
-    seed = base / "seed"
-    seed.mkdir()
-    (seed / "tickets.jsonl").write_text("".join(json.dumps(row) + "\n" for row in raw_rows()))
-    root = copy_repo(base / "project")
-    shutil.rmtree(root / "data" / "raw")
-    write_project(root, tiny_overrides(tiny_model_dir), raw_from=seed)
+    root = copy_repo_with_tickets(base, tiny_overrides(tiny_model_dir))
     home = base / "dagster_home"
     home.mkdir()
     shutil.copyfile(REPO / "resources" / "dagster.yaml", home / "dagster.yaml")

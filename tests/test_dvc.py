@@ -46,6 +46,21 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def copy_repo_with_tickets(base: Path, overrides: dict) -> Path:
+    """A repository copy under `base` whose data/raw holds 60 distinct tickets and whose params take `overrides`."""
+    import json
+
+    from tests.test_materialize import raw_rows
+
+    seed = base / "seed"
+    seed.mkdir()
+    (seed / "tickets.jsonl").write_text("".join(json.dumps(row) + "\n" for row in raw_rows()))
+    root = copy_repo(base / "project")
+    shutil.rmtree(root / "data" / "raw")
+    write_project(root, overrides, raw_from=seed)
+    return root
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_overrides, write_project
-from tests.test_dvc import copy_repo, dvc_executable, ran_stages, run
-from tests.test_materialize import raw_rows
+from tests.conftest import tiny_overrides
+from tests.test_dvc import copy_repo_with_tickets, dvc_executable, ran_stages, run
 
 ALL_STAGES = {"fetch_model", "ingest", "clean", "format", "split", "train", "evaluate", "promote"}
 # What a clone must get back from the remote (DVC cache) or from git (metrics.json, cache: false).
@@ -70,14 +68,9 @@ def git(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def versioned(tmp_path_factory, tiny_model_dir: Path) -> Versioned:
     base = tmp_path_factory.mktemp("versions")
-    seed = base / "seed"
-    seed.mkdir()
-    (seed / "tickets.jsonl").write_text("".join(json.dumps(row) + "\n" for row in raw_rows()))
-    root = copy_repo(base / "project")
-    shutil.rmtree(root / "data" / "raw")
     overrides = tiny_overrides(tiny_model_dir)
     overrides["evaluate"] = {**overrides["evaluate"], **GATE_THAT_A_TINY_RUN_PASSES}
-    write_project(root, overrides, raw_from=seed)
+    root = copy_repo_with_tickets(base, overrides)
 
     ident = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env = {**os.environ, **ident, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

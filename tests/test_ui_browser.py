@@ -13,7 +13,6 @@ Selectors are roles and visible text, never CSS classes: they follow what a user
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,9 +27,8 @@ from pathlib import Path
 import psutil  # a dependency of accelerate and peft
 import pytest
 
-from tests.conftest import REPO, tiny_overrides, write_project
-from tests.test_dvc import copy_repo
-from tests.test_materialize import raw_rows
+from tests.conftest import REPO, tiny_overrides
+from tests.test_dvc import copy_repo_with_tickets
 
 CHROMIUM = Path("/usr/bin/chromium")  # CI: `apt-get install chromium` in .ci/run
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -142,13 +140,7 @@ def wait_for_run(page, url: str, run_id: str) -> str:
 @pytest.fixture
 def ui_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A copy of the repository with the tiny model and 60 distinct tickets (the UI is under test, not scale)."""
-    seed = tmp_path / "seed"
-    seed.mkdir()
-    (seed / "tickets.jsonl").write_text("".join(json.dumps(row) + "\n" for row in raw_rows()))
-    root = copy_repo(tmp_path / "project")
-    shutil.rmtree(root / "data" / "raw")
-    write_project(root, tiny_overrides(tiny_model_dir), raw_from=seed)
-    return root
+    return copy_repo_with_tickets(tmp_path, tiny_overrides(tiny_model_dir))
 
 
 @pytest.mark.timeout(RUN_S + SERVER_START_S + 180)

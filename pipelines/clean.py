@@ -27,23 +27,25 @@ import html
 import json
 import re
 import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pandera.errors import SchemaError, SchemaErrors
+from tqdm.auto import tqdm
 
 from pipelines.config import CleanConfig, Params
-from pipelines.dedup import conversation_text, exact_key, lsh_params, near_duplicate_pairs
-from pipelines.io import StageError, StageResult, atomic_dir, require, write_json, write_jsonl
+from pipelines.dedup import conversation_text, exact_digest, lsh_params, near_duplicate_pairs
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, read_jsonl, require, write_json, write_jsonl
 from pipelines.pii import redact
 from pipelines.schemas import ConversationSchema, validate
 
 STAGE = "clean"
 EXCERPT_CHARS = 200
+VALIDATE_ROWS = 10_000  # rows per pandera check: the contract is checked in chunks, so memory stays flat
 RULES = (
     "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii",
     "exact_duplicate", "near_duplicate",
@@ -195,6 +197,25 @@ def normalize_whitespace(text: str) -> str:
 # ------------------------------------------------------------------------------------------ the rules
 
 
+def _report(cfg: CleanConfig, counts: dict[str, dict[str, int]], pii: Counter, near_pairs: int, rows_in: int,
+            rows_out: int, quarantined: int) -> dict[str, Any]:
+    enabled = {
+        "html": cfg.strip_html, "pii": cfg.redact_pii, "exact_duplicate": cfg.exact_dedup,
+        "near_duplicate": cfg.near_dedup, "unicode": cfg.unicode_form != "none",
+    }
+    bands, rows = lsh_params(cfg.near_dup_threshold, cfg.num_perm)
+    return {
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "quarantined": quarantined,
+        "rules": {r: {**counts[r], "enabled": enabled.get(r, True)} for r in RULES},
+        "pii": {t: pii[t] for t in sorted(pii)},
+        "near_dedup": {"threshold": cfg.near_dup_threshold, "num_perm": cfg.num_perm,
+                       "shingle_size": cfg.shingle_size, "lsh_bands": bands, "lsh_rows": rows,
+                       "verified_pairs": near_pairs},
+    }
+
+
 @dataclass
 class CleanResult:
     kept: list[dict[str, Any]]
@@ -204,21 +225,7 @@ class CleanResult:
     near_pairs: int = 0  # verified near-duplicate pairs among the rows that reached that rule
 
     def report(self, cfg: CleanConfig, rows_in: int) -> dict[str, Any]:
-        enabled = {
-            "html": cfg.strip_html, "pii": cfg.redact_pii, "exact_duplicate": cfg.exact_dedup,
-            "near_duplicate": cfg.near_dedup, "unicode": cfg.unicode_form != "none",
-        }
-        bands, rows = lsh_params(cfg.near_dup_threshold, cfg.num_perm)
-        return {
-            "rows_in": rows_in,
-            "rows_out": len(self.kept),
-            "quarantined": len(self.quarantined),
-            "rules": {r: {**self.counts[r], "enabled": enabled.get(r, True)} for r in RULES},
-            "pii": {t: self.pii[t] for t in sorted(self.pii)},
-            "near_dedup": {"threshold": cfg.near_dup_threshold, "num_perm": cfg.num_perm,
-                           "shingle_size": cfg.shingle_size, "lsh_bands": bands, "lsh_rows": rows,
-                           "verified_pairs": self.near_pairs},
-        }
+        return _report(cfg, self.counts, self.pii, self.near_pairs, rows_in, len(self.kept), len(self.quarantined))
 
 
 # System prompts repeat on every row: redact each distinct text once. The cached Counter is never mutated.
@@ -259,33 +266,38 @@ def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[s
     return None
 
 
-def _near_duplicates(
-    rows: list[dict[str, Any]], texts: list[str], cfg: CleanConfig
-) -> tuple[dict[int, tuple[int, float]], int]:
-    """{index of a removed row: (index of the kept row it duplicates, jaccard)}, and the number of pairs."""
-    pairs = near_duplicate_pairs(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size)
-    earlier: dict[int, list[tuple[int, float]]] = {}
-    for i, j, sim in pairs:
-        earlier.setdefault(j, []).append((i, sim))
-    removed: dict[int, tuple[int, float]] = {}
-    for j in range(len(rows)):  # input order: a row is a duplicate only of a row that was kept
-        kept = [(sim, -i) for i, sim in earlier.get(j, ()) if i not in removed]
-        if kept:
-            sim, neg_i = max(kept)  # the most similar kept row; on a tie the earliest
-            removed[j] = (-neg_i, sim)
-    return removed, len(pairs)
+Sink = Callable[[dict[str, Any]], Any]
 
 
-def clean(rows: Iterable[dict[str, Any]], cfg: CleanConfig) -> CleanResult:
-    """Apply the rules in order (see the module docstring). Input rows are not modified."""
-    counts = {r: {"touched": 0, "removed": 0} for r in RULES}
-    quarantined: list[dict[str, Any]] = []
-    pii_counts: Counter = Counter()
-    text_rules = _text_rules(cfg)
-    survivors: list[dict[str, Any]] = []
-    for row in rows:
+class Cleaner:
+    """The rules as two passes over the rows, so the stage never holds the rows themselves in memory.
+
+    1. `screen(rows, quarantine)`: the per-row rules (text, length, PII) and exact duplicates; yields every
+       survivor in input order. Only a 16-byte hash, the location and (for the near-duplicate
+       rule) the conversation text of each survivor are remembered: ~0.3 KB a row instead of the whole row.
+    2. `duplicates()`: near duplicates among the survivors that are not exact duplicates.
+    3. `finish(survivors, quarantine)`: the same survivors again, in the same order (e.g. re-read from a spool
+       file); yields the kept rows and sends each duplicate to `quarantine` with the row it duplicates.
+    """
+
+    def __init__(self, cfg: CleanConfig) -> None:
+        self.cfg = cfg
+        self.counts = {r: {"touched": 0, "removed": 0} for r in RULES}
+        self.pii: Counter = Counter()
+        self.near_pairs = 0
+        self.rows_in = self.quarantined = self.kept = 0
+        self._text_rules = _text_rules(cfg)
+        self._where: list[tuple[str, str, int]] = []  # (id, source, line) of each survivor
+        self._first: dict[bytes, int] = {}  # exact hash -> index of its first survivor
+        self._unique: list[int] = []  # survivor index of each exact-unique text, in order
+        self._texts: list[str] = []  # conversation text of each exact-unique survivor (near-duplicate rule)
+        self._removed: dict[int, tuple[str, str, dict[str, Any]]] = {}  # survivor index -> (rule, reason, extra)
+        self._sources: dict[str, str] = {}  # one string object per source file
+
+    def _apply(self, row: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        cfg, counts = self.cfg, self.counts
         messages = [dict(m) for m in row["messages"]]
-        for rule, fn in text_rules:
+        for rule, fn in self._text_rules:
             touched = False
             for m in messages:
                 new = fn(m["content"])
@@ -294,57 +306,114 @@ def clean(rows: Iterable[dict[str, Any]], cfg: CleanConfig) -> CleanResult:
             counts[rule]["touched"] += touched
         cleaned = {**row, "messages": messages}
         problem = _length_problem(messages, cfg)
-        if problem:
-            counts[problem[0]]["removed"] += 1
-            quarantined.append(_quarantine(cleaned, *problem, cfg.redact_pii))
-            continue
-        if cfg.redact_pii:
+        if problem is None and cfg.redact_pii:
             found: Counter = Counter()
             for m in messages:
                 m["content"], n = _redact_cached(m["content"])
                 found.update(n)
             counts["pii"]["touched"] += bool(found)
-            pii_counts += found
-        survivors.append(cleaned)
+            self.pii += found
+        return cleaned, problem
 
-    texts = [conversation_text(r) for r in survivors] if cfg.exact_dedup or cfg.near_dedup else []
-    if cfg.exact_dedup:
-        first: dict[str, int] = {}
-        unique: list[int] = []
-        for i, text in enumerate(texts):
-            j = first.setdefault(exact_key(text), i)
-            if j == i:
-                unique.append(i)
+    def _location(self, index: int) -> tuple[str, str]:
+        row_id, source, line = self._where[index]
+        return row_id, f"{source}:{line}"
+
+    @property
+    def survivors(self) -> int:
+        return len(self._where)
+
+    def screen(self, rows: Iterable[dict[str, Any]], quarantine: Sink) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        for row in rows:
+            self.rows_in += 1
+            cleaned, problem = self._apply(row)
+            if problem:
+                self.counts[problem[0]]["removed"] += 1
+                self.quarantined += 1
+                quarantine(_quarantine(cleaned, *problem, cfg.redact_pii))
                 continue
-            kept_row = survivors[j]
-            counts["exact_duplicate"]["removed"] += 1
-            quarantined.append(_quarantine(
-                survivors[i], "exact_duplicate", f"same normalised text as row {kept_row['id']}", cfg.redact_pii,
-                duplicate_of=kept_row["id"], duplicate_of_location=f"{kept_row['source']}:{kept_row['line']}",
-            ))
-        survivors, texts = [survivors[i] for i in unique], [texts[i] for i in unique]
+            index = len(self._where)
+            source = self._sources.setdefault(cleaned["source"], cleaned["source"])
+            self._where.append((cleaned["id"], source, cleaned["line"]))
+            yield cleaned
+            if not (cfg.exact_dedup or cfg.near_dedup):
+                continue
+            text = conversation_text(cleaned)
+            if cfg.exact_dedup:
+                first = self._first.setdefault(exact_digest(text), index)
+                if first != index:
+                    kept_id, location = self._location(first)
+                    self._removed[index] = ("exact_duplicate", f"same normalised text as row {kept_id}",
+                                            {"duplicate_of": kept_id, "duplicate_of_location": location})
+                    continue
+            if cfg.near_dedup:
+                self._unique.append(index)
+                self._texts.append(text)
 
-    near_pairs = 0
-    if cfg.near_dedup and survivors:
-        removed, near_pairs = _near_duplicates(survivors, texts, cfg)
-        for j, (i, sim) in sorted(removed.items()):
-            kept_row = survivors[i]
-            counts["near_duplicate"]["removed"] += 1
-            quarantined.append(_quarantine(
-                survivors[j], "near_duplicate",
-                f"Jaccard {sim:.3f} >= clean.near_dup_threshold = {cfg.near_dup_threshold} with row {kept_row['id']}",
-                cfg.redact_pii, duplicate_of=kept_row["id"],
-                duplicate_of_location=f"{kept_row['source']}:{kept_row['line']}", similarity=round(sim, 4),
-            ))
-        survivors = [r for k, r in enumerate(survivors) if k not in removed]
-    return CleanResult(survivors, quarantined, counts, pii_counts, near_pairs)
+    def duplicates(self) -> int:
+        """Find the near duplicates (after `screen`); the number of survivors that will be removed."""
+        cfg = self.cfg
+        self._first.clear()
+        if cfg.near_dedup and self._texts:
+            removed, self.near_pairs = _near_duplicates(self._texts, cfg)
+            for j, (i, sim) in removed.items():
+                kept_id, location = self._location(self._unique[i])
+                self._removed[self._unique[j]] = (
+                    "near_duplicate",
+                    f"Jaccard {sim:.3f} >= clean.near_dup_threshold = {cfg.near_dup_threshold} with row {kept_id}",
+                    {"duplicate_of": kept_id, "duplicate_of_location": location, "similarity": round(sim, 4)},
+                )
+        self._texts, self._unique = [], []
+        return len(self._removed)
+
+    def finish(self, survivors: Iterable[dict[str, Any]], quarantine: Sink) -> Iterator[dict[str, Any]]:
+        for index, row in enumerate(survivors):
+            if row["id"] != self._where[index][0]:
+                raise RuntimeError(f"survivor {index} is {row['id']}, expected {self._where[index][0]}")
+            removed = self._removed.get(index)
+            if removed is None:
+                self.kept += 1
+                yield row
+                continue
+            rule, reason, extra = removed
+            self.counts[rule]["removed"] += 1
+            self.quarantined += 1
+            quarantine(_quarantine(row, rule, reason, self.cfg.redact_pii, **extra))
+
+    def report(self) -> dict[str, Any]:
+        return _report(self.cfg, self.counts, self.pii, self.near_pairs, self.rows_in, self.kept, self.quarantined)
+
+
+def _near_duplicates(texts: list[str], cfg: CleanConfig) -> tuple[dict[int, tuple[int, float]], int]:
+    """{index of a removed text: (index of the kept text it duplicates, jaccard)}, and the number of pairs."""
+    pairs = near_duplicate_pairs(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size)
+    earlier: dict[int, list[tuple[int, float]]] = {}
+    for i, j, sim in pairs:
+        earlier.setdefault(j, []).append((i, sim))
+    removed: dict[int, tuple[int, float]] = {}
+    for j in sorted(earlier):  # input order: a text is a duplicate only of a text that was kept
+        kept = [(sim, -i) for i, sim in earlier[j] if i not in removed]
+        if kept:
+            sim, neg_i = max(kept)  # the most similar kept text; on a tie the earliest
+            removed[j] = (-neg_i, sim)
+    return removed, len(pairs)
+
+
+def clean(rows: Iterable[dict[str, Any]], cfg: CleanConfig) -> CleanResult:
+    """Apply the rules in order (see the module docstring) in memory. Input rows are not modified."""
+    cleaner = Cleaner(cfg)
+    quarantined: list[dict[str, Any]] = []
+    survivors = list(cleaner.screen(rows, quarantined.append))
+    cleaner.duplicates()
+    kept = list(cleaner.finish(survivors, quarantined.append))
+    return CleanResult(kept, quarantined, cleaner.counts, cleaner.pii, cleaner.near_pairs)
 
 
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -356,32 +425,53 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                                  "instead of editing its output") from None
             if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                 raise StageError(f"'{path}' line {n} has no 'messages' list; re-run the ingest stage")
-            rows.append(row)
-    return rows
+            yield row
+
+
+def _validated(rows: Iterable[dict[str, Any]], source: Path) -> Iterator[dict[str, Any]]:
+    """The rows, checked against the row contract VALIDATE_ROWS at a time (ids: unique across all chunks)."""
+    seen: set[str] = set()
+    for chunk in chunked(rows, VALIDATE_ROWS):
+        problem = None
+        try:
+            validate(ConversationSchema, chunk)
+        except (SchemaError, SchemaErrors) as exc:
+            problem = str(exc).strip().splitlines()[0][:300]
+        duplicate = next((r["id"] for r in chunk if r["id"] in seen or seen.add(r["id"])), None)
+        if problem is None and duplicate is not None:
+            problem = f"id {duplicate} appears twice"
+        if problem:
+            raise StageError(f"cleaned rows from '{source}' break the row contract ({problem}); re-run the ingest "
+                             "stage, and report a bug if it persists")
+        yield from chunk
 
 
 def run(params: Params) -> StageResult:
+    """Two streaming passes (see Cleaner): memory grows by ~0.3 KB per row, whatever the rows' size."""
     cfg = params.clean
     source = require(params.path("raw_examples") / "examples.jsonl", "ingest")
     out = params.path("cleaned")
-    rows = _read_rows(source)
-    result = clean(rows, cfg)
-    try:
-        validate(ConversationSchema, result.kept)
-    except (SchemaError, SchemaErrors) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise StageError(f"cleaned rows from '{source}' break the row contract ({first}); re-run the ingest "
-                         "stage, and report a bug if it persists") from None
-    report = result.report(cfg, len(rows))
+    cleaner = Cleaner(cfg)
     failure = None
-    if rows and not result.kept:
-        by_rule = ", ".join(f"{r}: {c['removed']}" for r, c in report["rules"].items() if c["removed"])
-        failure = (f"the clean stage removed all {len(rows)} rows of '{source}' ({by_rule}); see "
-                   f"'{out / 'quarantine.jsonl'}' and relax the clean section of params.yaml")
-    with atomic_dir(out) as tmp:
-        if not failure:  # downstream stages must not consume a failed clean
-            write_jsonl(tmp / "examples.jsonl", result.kept)
-        write_jsonl(tmp / "quarantine.jsonl", result.quarantined)
+    with atomic_dir(out) as tmp, open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+
+        def to_quarantine(record: dict[str, Any]) -> None:
+            quarantine.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+        spool = tmp / "survivors.jsonl.part"  # pass 1 -> pass 2, inside the temp folder: a crash leaves nothing
+        rows = tqdm(_read_rows(source), desc="clean", unit=" rows", disable=None, mininterval=2)
+        write_jsonl(spool, cleaner.screen(rows, to_quarantine))
+        removed = cleaner.duplicates()
+        kept = _validated(cleaner.finish(read_jsonl(spool), to_quarantine), source)
+        if cleaner.rows_in and removed == cleaner.survivors:
+            deque(kept, maxlen=0)  # quarantine the duplicates, but write no examples: nothing downstream may run
+            by_rule = ", ".join(f"{r}: {c['removed']}" for r, c in cleaner.counts.items() if c["removed"])
+            failure = (f"the clean stage removed all {cleaner.rows_in} rows of '{source}' ({by_rule}); see "
+                       f"'{out / 'quarantine.jsonl'}' and relax the clean section of params.yaml")
+        else:
+            write_jsonl(tmp / "examples.jsonl", kept)
+        spool.unlink()
+        report = cleaner.report()
         write_json(tmp / "report.json", {"status": "failed" if failure else "ok", "error": failure, **report,
                                          "config": cfg.model_dump()})
     if failure:

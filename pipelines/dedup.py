@@ -54,9 +54,14 @@ def conversation_text(row: dict[str, Any]) -> str:
     return " ".join(joined.casefold().split())
 
 
-def exact_key(text: str) -> str:
+def exact_digest(text: str) -> bytes:
     """128-bit BLAKE2b of the text: collision-free in practice and ~3x faster than SHA-256 in CPython."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def exact_key(text: str) -> str:
+    """exact_digest as hex: the printable key (a group name in the split files)."""
+    return exact_digest(text).hex()
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:

@@ -241,6 +241,32 @@ def test_run_writes_examples_quarantine_and_report(tmp_path):
     json.dumps(result.metrics)  # metrics must be JSON-able for Dagster metadata
 
 
+def test_run_streams_the_same_result_as_clean_in_memory(tmp_path, monkeypatch):
+    """run() cleans in two passes over a spool file and validates in chunks; clean() holds every row."""
+    import pipelines.clean as clean_module
+
+    monkeypatch.setattr(clean_module, "VALIDATE_ROWS", 2)  # several chunks even for 8 rows
+    params = load_params(project(tmp_path, ROWS, max_chars=250))
+    expected = clean(copy.deepcopy(ROWS), params.clean)
+    report = run(params).metrics
+    out = tmp_path / "data" / "cleaned"
+    assert [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()] == expected.kept
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(quarantine, key=lambda q: q["id"]) == sorted(expected.quarantined, key=lambda q: q["id"])
+    assert report == expected.report(params.clean, len(ROWS))
+    assert sorted(p.name for p in out.iterdir()) == ["examples.jsonl", "quarantine.jsonl", "report.json"]  # no spool
+
+
+def test_run_refuses_a_repeated_id_across_validation_chunks(tmp_path, monkeypatch):
+    import pipelines.clean as clean_module
+
+    monkeypatch.setattr(clean_module, "VALIDATE_ROWS", 1)
+    rows = [row(1, "first question here"), {**row(2, "another question entirely"), "id": "0001"}]
+    with pytest.raises(StageError, match="id 0001 appears twice"):
+        run(load_params(project(tmp_path, rows)))
+    assert not (tmp_path / "data" / "cleaned").exists()  # nothing half-written
+
+
 def test_run_without_ingest_output_says_which_stage_to_run(tmp_path):
     empty = tmp_path / "raw_src"
     empty.mkdir()

@@ -152,7 +152,17 @@ def test_split_schema_requires_a_group():
     with pytest.raises(pandera.errors.SchemaErrors):
         validate(SplitSchema, rows)
     with pytest.raises(StageError, match="split 'test' breaks the data contract"):
-        sp._validate_split("test", [{**grouped[0], "n_completion_tokens": 99}])
+        list(sp._validated("test", [{**grouped[0], "n_completion_tokens": 99}]))
+
+
+def test_chunked_validation_finds_a_repeated_id_across_chunks(monkeypatch):
+    rows, _ = _dataset(singles=5, families=0, exact_copies=0)
+    grouped = sorted(({**r, "group": "g"} for r in rows), key=lambda r: r["id"])
+    monkeypatch.setattr(sp, "VALIDATE_ROWS", 2)
+    assert list(sp._validated("train", grouped)) == grouped  # 3 chunks, every row passes through once
+    repeated = [*grouped[:2], {**grouped[1]}, *grouped[2:]]  # the copy is the first row of the second chunk
+    with pytest.raises(StageError, match="column 'id', check 'field_uniqueness'"):
+        list(sp._validated("train", repeated))
 
 
 # ---------------------------------------------------------------------------------------------------- run()

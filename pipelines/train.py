@@ -277,6 +277,33 @@ def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_
     return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
 
 
+def _epoch_seeded(sampler: Any, seed: int) -> Any:
+    """The trainer's length-grouped sampler, its shuffle drawn from seed + epoch instead of the global RNG.
+
+    transformers draws the order of an epoch from the global torch RNG when the epoch starts; a resume in the
+    middle of an epoch rebuilds that order before it restores rng_state.pth (and that state is not the one of
+    the epoch start anyway), so without this a resumed run trains on other batches than an uninterrupted one.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if type(sampler) is not LengthGroupedSampler:
+        return sampler
+
+    class EpochSeeded(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the Trainer / accelerate before each epoch
+            self.epoch = epoch
+
+        def __iter__(self):
+            import torch
+
+            self.generator = torch.Generator().manual_seed(seed + self.epoch)
+            return super().__iter__()
+
+    return EpochSeeded(sampler.batch_size, lengths=sampler.lengths)
+
+
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: TrainConfig, env: TrainEnv,
                   output_dir: Path, *, callbacks: list[Any] | None = None) -> Any:
     """The one place an SFTTrainer is made: typed config in, trainer out (composition, no subclass)."""
@@ -342,6 +369,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         peft_config=peft_config(cfg),
         callbacks=callbacks,
     )
+    default_sampler = trainer._get_train_sampler  # looked up when the train dataloader is built
+    trainer._get_train_sampler = lambda dataset=None: _epoch_seeded(default_sampler(dataset), cfg.seed)
     if env.precision == "fp32":
         # TRL casts a quantised model's adapter weights to bf16 (the QLoRA paper's GPU recipe); in fp32 (CPU)
         # they stay fp32. The optimizer is created in train(), after this.

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import ConfigError, Params, load_params
-from tests.conftest import REPO, write_project
+from tests.conftest import REPO, tiny_overrides, write_project
 
 CODE_FOLDERS = ("pipelines", "resources", "assets")
 # Calls that load model weights (tokenizers and configs hold no pickles and are not listed).
@@ -112,24 +112,63 @@ SECRETS = {
     "WANDB_API_KEY": "SENTINELwandbCCCC3333",
     "AWS_ACCESS_KEY_ID": "AKIASENTINELDDDD4444",
     "AWS_SECRET_ACCESS_KEY": "SENTINELawsSecretEEEE5555",
+    "AWS_SESSION_TOKEN": "SENTINELawsSessionFFFF6666",
 }
+# Every stage that writes files, in lifecycle order; train and evaluate write the run card, logs, checkpoints,
+# the report and the metrics. (promote only copies the adapter folder checked here.)
+SECRET_STAGES = ("check-params", "fetch-model", "ingest", "clean", "format", "split", "train", "evaluate")
+
+
+def _leaks(root: Path, logs: dict[str, str]) -> list[str]:
+    """'NAME in file/log' for every planted secret found in a file under `root` (any format, binary files and
+    pickles included, byte for byte), a file name, or a log."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    found = []
+    for name, secret in SECRETS.items():
+        found += [f"{name} in {p.relative_to(root)}" for p in files
+                  if secret.encode() in p.read_bytes() or secret in str(p.relative_to(root))]
+        found += [f"{name} in the log of {stage}" for stage, log in logs.items() if secret in log]
+    return found
 
 
 def test_secrets_in_the_environment_reach_no_output_or_log(tmp_path, tiny_model_dir):
-    params = write_project(tmp_path, {"paths": {"base_model": str(tiny_model_dir)}, "format": {"max_length": 256}})
-    env = {**os.environ, **SECRETS, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    logs = []
-    for stage in ("check-params", "ingest", "clean", "format", "split"):
+    """Ingest to evaluation on the tiny model with credentials in the environment: none reaches a file or a log.
+
+    Covered: the data outputs, the base model's source.json, the adapter folder (README.md run card,
+    train_metrics.json, train_log.json, adapter_config.json, tokenizer files), the checkpoints (trainer_state.json,
+    the pickled training_args.bin, rng/optimizer state), the evaluation report (html, md, PNGs, examples, CSVs),
+    metrics.json, and each stage's stdout + stderr at the CLI's INFO level.
+    """
+    from pipelines.runcard import LIBRARIES
+
+    overrides = tiny_overrides(tiny_model_dir)
+    overrides["train"].update({"max_steps": 2, "eval_steps": 1, "save_steps": 1})
+    overrides["evaluate"].update({"max_examples": 4, "max_new_tokens": 4})
+    params = write_project(tmp_path, overrides)
+    env = {**os.environ, **SECRETS, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PIPELINES_TRAIN_DEVICE": "cpu", "PIPELINES_TRAIN_THREADS": "1"}
+    logs = {}
+    for stage in SECRET_STAGES:
         proc = subprocess.run([sys.executable, "-m", "pipelines", stage, "--params", str(params)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        logs.append(proc.stdout + proc.stderr)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert (tmp_path / "data" / "splits" / "train.jsonl") in files  # the stages really wrote their outputs
-    for name, secret in SECRETS.items():
-        leaked = [str(p.relative_to(tmp_path)) for p in files if secret.encode() in p.read_bytes()]
-        assert not leaked, f"{name} leaked into {leaked}"
-        assert not any(secret in log for log in logs), f"{name} leaked into a log"
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{stage}: {proc.stderr[-2000:]}"
+        logs[stage] = proc.stdout + proc.stderr
+    data = tmp_path / "data"
+    for output in ("splits/train.jsonl", "base_model/source.json", "adapter/README.md",
+                   "adapter/train_metrics.json", "adapter/train_log.json", "adapter/adapter_model.safetensors",
+                   "evaluation/report.html", "evaluation/report.md", "metrics.json"):
+        assert (data / output).is_file(), f"{output} was not written"  # the stages really wrote their outputs
+    assert list((data / "checkpoints").glob("*/checkpoint-*/trainer_state.json"))
+    leaks = _leaks(tmp_path, logs)
+    assert not leaks, "secrets leaked: " + "; ".join(leaks)
+
+    # The run card's sections that are filled from the process, not from params.yaml, hold only known fields:
+    # the trainer environment (device, precision, threads: PIPELINES_TRAIN_*) and library versions.
+    card = (data / "adapter" / "README.md").read_text(encoding="utf-8")
+    versions = card.split("### Library versions", 1)[1].strip().splitlines()
+    assert [line.split()[1] for line in versions] == ["python", *LIBRARIES]
+    assert all(re.fullmatch(r"- [\w-]+ ([\w.+]+|not installed)", line) for line in versions), versions
+    assert re.search(r"^- device: cpu, precision fp32, 1 process\(es\), 1 thread\(s\)$", card, re.M)
 
 
 def _field_names(model: type) -> list[str]:

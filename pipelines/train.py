@@ -304,12 +304,43 @@ def _epoch_seeded(sampler: Any, seed: int) -> Any:
     return EpochSeeded(sampler.batch_size, lengths=sampler.lengths)
 
 
+def score_only_label_positions() -> bool:
+    """Make TRL's fused LM head project only the positions that have a label, on every device; True if it does.
+
+    TRL's SFTTrainer computes the loss with a fused, chunked LM head. On CUDA/XPU it scores only the positions
+    with a label ("compact"); elsewhere it scores every position, so that compilers such as Neuron see fixed
+    tile shapes. On CPU that spends the 49k-vocabulary head on every prompt token: in a profile of the ticket
+    demo (13 of 124 tokens trained) it was a third of the step. The compact path is the same computation on
+    fewer rows, scattered back to their positions, so losses and gradients are unchanged
+    (tests/test_train.py checks both). The switch is a module-level function of trl.trainer.utils; if a TRL
+    release renames it, training still works, at the old speed, and a warning says so.
+    """
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None:
+        log.warning("trl %s has no trl.trainer.utils._use_triton: the LM head scores every position on CPU",
+                    getattr(sys.modules.get("trl"), "__version__", "?"))
+        return False
+    if getattr(decide, "_compact_everywhere", False):
+        return True
+
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or decide(device)
+
+    compact._compact_everywhere = True  # type: ignore[attr-defined]
+    compact._original = decide  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
+
+
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: TrainConfig, env: TrainEnv,
                   output_dir: Path, *, callbacks: list[Any] | None = None) -> Any:
     """The one place an SFTTrainer is made: typed config in, trainer out (composition, no subclass)."""
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
+    score_only_label_positions()
     has_eval = eval_ds is not None and len(eval_ds) > 0
     # The best checkpoint can only be reloaded if every save step is also an eval step.
     load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0

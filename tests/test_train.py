@@ -134,6 +134,48 @@ def test_row_without_assistant_tokens_is_a_user_error(tiny_tokenizer):
         encode_split(tiny_tokenizer, [ALPACA, row], max_length=512, where="train.jsonl")
 
 
+def test_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """On CPU TRL's fused head scored every position; scoring only the labelled ones must change nothing else."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    assert train.score_only_label_positions()
+    compact = trl_utils._use_triton
+    every_position = compact._original
+    assert compact(torch.device("cpu")) and not every_position(torch.device("cpu"))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, 20))  # (batch, seq)
+    attention = torch.ones_like(ids)
+    attention[1, 14:] = 0  # a right-padded row
+    labels = ids.clone()
+    labels[:, :11] = -100  # the prompt
+    labels[1, 14:] = -100
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    results, scored_rows = {}, {}
+    for name, decide in (("every", every_position), ("compact", compact)):
+        monkeypatch.setattr(trl_utils, "_use_triton", decide)
+        rows: list[int] = []
+        monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                            lambda hidden, *rest, rows=rows: rows.append(hidden.shape[0]) or apply(hidden, *rest))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out.loss.detach(), out.log_probs.detach(), out.entropy.detach(), out.is_top1, grads)
+        scored_rows[name] = rows
+    assert scored_rows["every"] == [3 * 19]  # every position of the shifted (batch, seq - 1) grid
+    assert scored_rows["compact"] == [int((labels[:, 1:] != -100).sum())] == [9 + 3 + 9]
+    (loss_a, logp_a, ent_a, top_a, grads_a), (loss_b, logp_b, ent_b, top_b, grads_b) = results.values()
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logp_b, logp_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(top_a, top_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_trainer_batches_are_the_encoded_rows(tmp_path, tiny_model_dir, tiny_tokenizer):
     """TRL gets the rows pre-tokenised: its batches carry our labels unchanged (no re-masking, no extra EOS)."""
     split = encode_split(tiny_tokenizer, [ALPACA, MULTI_TURN, SHAREGPT_TOOLS] * 2, 512, "train.jsonl")

@@ -334,14 +334,15 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir
     32 rows / batch 4 = 8 steps per epoch and a checkpoint every 5 steps; the kill comes after checkpoint 10 or
     later, so training resumes in the middle of a second or later epoch: the hard case, as the shuffle of that
     epoch must be replayed (one in the first epoch comes out right by chance: it is drawn right after seeding).
-    LoRA dropout is on (params default 0.05), so the restored RNG state matters too. Measured difference: 0.0
+    LoRA dropout is on (0.05 here; the params default is 0), so the restored RNG state matters too. Measured: 0.0
     (bit-exact: same machine, one thread, same kernels). Tolerance: max |A - B| <= 1e-5 x the largest adapter weight
     (~2e-6 here, ~100 float32 ulps at that size) to absorb harmless reduction-order noise; a resume that
     trains on other batches (the bug `train._epoch_seeded` fixes) differs by ~5e-2, 20 % of the weights' scale.
     """
     from safetensors.torch import load_file
 
-    settings = {"max_steps": 30, "save_steps": 5, "eval_steps": 5, "early_stopping_patience": 0}
+    settings = {"max_steps": 30, "save_steps": 5, "eval_steps": 5, "early_stopping_patience": 0,
+                "lora": {"dropout": 0.05}}
     uninterrupted = load_params(make_project(tmp_path / "a", tiny_model_dir, settings, n_train=32))
     train.run(uninterrupted, CPU)
 

@@ -334,6 +334,70 @@ def score_only_label_positions() -> bool:
     return True
 
 
+PLAIN_HEAD_MAX_LABELS = 4096  # label positions per batch up to which the CPU head keeps (labels, vocab) logits
+_SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def _plain_label_head(hidden: Any, head: Any, targets: Any) -> tuple[Any, Any, Any]:
+    """log p(target), entropy and "target is the argmax" at each labelled position: (n,) each."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = head(hidden).float()  # (n, vocab); n = labelled positions only
+    log_probs = -F.cross_entropy(logits, targets, reduction="none")
+    with torch.no_grad():  # logging only, as in TRL: the entropy and top-1 accuracy of the training batch
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = (logits - lse.unsqueeze(-1)).exp_()
+        entropy = lse - (probs * logits).sum(-1)
+        is_top1 = logits.argmax(-1) == targets  # argmax: the first maximum, as TRL counts a tie
+    return log_probs, entropy, is_top1
+
+
+def plain_head_on_cpu(model: Any) -> bool:
+    """On CPU, compute TRL's fused-LM-head outputs with one matmul and PyTorch's cross-entropy; True if installed.
+
+    TRL computes the loss with a chunked LM head that never holds the (positions, vocab) logits: right for
+    GPU memory, but on CPU its torch fallback makes ~10 elementwise passes over every logit tile forward and
+    backward. Measured here on 900 label positions (a batch of 8 Alpaca rows), forward + backward: 2.45 s
+    TRL's head vs 0.94 s matmul + cross-entropy. This path keeps TRL's contract (same loss, log_probs,
+    entropy, is_top1 and label_mask; tests/test_train.py compares them) for batches of up to
+    PLAIN_HEAD_MAX_LABELS labels (~0.8 GB of logits for SmolLM2); larger batches, scaled or soft-capped
+    heads and pre-shifted labels go to TRL's own path.
+    """
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text_config = base.config.get_text_config()
+    if any(getattr(text_config, key, None) is not None for key in _SCALED_HEAD_KEYS):
+        return False
+    fused = base.forward  # TRL's patched forward: the fallback
+
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head or labels is None or shift_labels is not None or \
+                int((labels[:, 1:] != -100).sum()) > PLAIN_HEAD_MAX_LABELS:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_probs, entropy, is_top1 = _plain_label_head(hidden[mask], self.get_output_embeddings(), targets[mask])
+
+        def full(x: Any) -> Any:  # back to (batch, seq - 1), zero where there is no label
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / denominator, log_probs=full(log_probs),
+                                   entropy=full(entropy), is_top1=full(is_top1), label_mask=mask)
+
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: TrainConfig, env: TrainEnv,
                   output_dir: Path, *, callbacks: list[Any] | None = None) -> Any:
     """The one place an SFTTrainer is made: typed config in, trainer out (composition, no subclass)."""
@@ -402,6 +466,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
     )
     default_sampler = trainer._get_train_sampler  # looked up when the train dataloader is built
     trainer._get_train_sampler = lambda dataset=None: _epoch_seeded(default_sampler(dataset), cfg.seed)
+    if env.device == "cpu":
+        plain_head_on_cpu(trainer.model)
     if env.precision == "fp32":
         # TRL casts a quantised model's adapter weights to bf16 (the QLoRA paper's GPU recipe); in fp32 (CPU)
         # they stay fp32. The optimizer is created in train(), after this.

@@ -176,6 +176,44 @@ def test_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(ti
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_plain_cpu_head_matches_trl_fused_head(tiny_model_dir, monkeypatch):
+    """The CPU head (one matmul + cross-entropy) returns what TRL's chunked head returns, gradients included."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, 20))  # (batch, seq)
+    attention = torch.ones_like(ids)
+    attention[2, 12:] = 0
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[2, 12:] = -100
+    results = {}
+    for name in ("trl", "plain", "plain, over the label limit"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        calls = []
+        fallback = model.forward
+        model.forward = lambda *a, _f=fallback, **k: calls.append(1) or _f(*a, **k)  # counts calls of TRL's head
+        if name != "trl":
+            assert train.plain_head_on_cpu(model)
+        if name.endswith("limit"):
+            monkeypatch.setattr(train, "PLAIN_HEAD_MAX_LABELS", 5)
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        (-out.log_probs.sum() / out.label_mask.sum()).backward()  # the loss as TRL's compute_loss forms it
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out, grads, len(calls))
+    (ref, ref_grads, ref_calls), (plain, plain_grads, plain_calls), (_, _, over_calls) = results.values()
+    assert (ref_calls, plain_calls, over_calls) == (1, 0, 1)  # the plain path replaced TRL's, except over the limit
+    torch.testing.assert_close(plain.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain.log_probs, ref.log_probs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain.is_top1, ref.is_top1) and torch.equal(plain.label_mask, ref.label_mask)
+    assert plain_grads.keys() == ref_grads.keys() and len(ref_grads) > 10
+    for n in ref_grads:
+        torch.testing.assert_close(plain_grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_trainer_batches_are_the_encoded_rows(tmp_path, tiny_model_dir, tiny_tokenizer):
     """TRL gets the rows pre-tokenised: its batches carry our labels unchanged (no re-masking, no extra EOS)."""
     split = encode_split(tiny_tokenizer, [ALPACA, MULTI_TURN, SHAREGPT_TOOLS] * 2, 512, "train.jsonl")

@@ -367,7 +367,10 @@ def plain_head_on_cpu(model: Any) -> bool:
     """
     import types
 
-    from trl.trainer.utils import FusedCausalLMOutput
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:  # a TRL without the fused head: its compute_loss does not call fused_lm_head=True either
+        return False
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text_config = base.config.get_text_config()

@@ -14,7 +14,7 @@ pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-render
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
 and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
 
-Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model and the train params;
+Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params and code;
 a rerun resumes from the last complete checkpoint there, and refuses one whose stored hash differs.
 """
 
@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from pipelines import chat
 from pipelines.base_model import model_hash, source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
@@ -484,7 +485,7 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
 
 # ---------------------------------------------------------------------------------------- checkpoints/resume
 def run_fingerprint(params: Params) -> dict[str, Any]:
-    """What a checkpoint belongs to: hashes of the splits, the base model and the train params."""
+    """What a checkpoint belongs to: hashes of the splits, the base model, the train params and the training code."""
     splits, base = params.path("splits"), params.path("base_model")
     parts = {
         "train_split": sha256_file(splits / "train.jsonl"),
@@ -494,6 +495,9 @@ def run_fingerprint(params: Params) -> dict[str, Any]:
         "train_params": hashlib.sha256(json.dumps(params.train.model_dump(mode="json"), sort_keys=True).encode())
         .hexdigest(),
         "max_length": params.format.max_length,
+        # the code that turns rows into batches and trains on them: a checkpoint of other code is not resumed
+        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat)))
+        .hexdigest(),
     }
     run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return {"run_hash": run_hash, "parts": parts}

@@ -194,7 +194,7 @@ def test_plain_cpu_head_matches_trl_fused_head(tiny_model_dir, monkeypatch):
         trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         calls = []
         fallback = model.forward
-        model.forward = lambda *a, _f=fallback, **k: calls.append(1) or _f(*a, **k)  # counts calls of TRL's head
+        model.forward = lambda *a, _f=fallback, _calls=calls, **k: _calls.append(1) or _f(*a, **k)  # TRL head calls
         if name != "trl":
             assert train.plain_head_on_cpu(model)
         if name.endswith("limit"):
@@ -423,6 +423,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir
     la, lb = _losses_by_step(uninterrupted.path("adapter")), _losses_by_step(params.path("adapter"))
     assert la.keys() == lb.keys() and any(step > start for step, _ in la)
     assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
+
+
+def test_the_run_hash_covers_the_training_code(tmp_path, tiny_model_dir, monkeypatch):
+    """A rerun after a change to the training code (DVC reruns the stage) must not resume the old checkpoints."""
+    import hashlib
+
+    from pipelines import chat
+
+    params = load_params(make_project(tmp_path, tiny_model_dir))
+    before = train.run_fingerprint(params)
+    code = Path(train.__file__).read_bytes() + Path(chat.__file__).read_bytes()
+    assert before["parts"]["code"] == hashlib.sha256(code).hexdigest()
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (b"# edited" if self.name == "chat.py" else b""))
+    assert train.run_fingerprint(params)["run_hash"] != before["run_hash"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_model_dir):

@@ -5,13 +5,14 @@ params.yaml), the asset returns its figures as metadata and a content-hash DataV
 are imported inside the assets so that loading the code location stays fast.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Dagster inspects the `context` annotation as a real class.
 import dagster as dg
+from dagster import AssetExecutionContext
 
 from assets.metadata import histogram_plot, md_table
-from assets.stage import materialized, run_stage
+from assets.stage import materialized, run_stage, stage_asset
 from assets.versions import code_version, combined_hash, raw_file_hashes
+from pipelines.io import StageResult
 from resources.project import ProjectResource
 
 TABULAR = {"python", "pandas"}
@@ -58,15 +59,11 @@ def base_model(project: ProjectResource) -> dg.MaterializeResult:
     description="Every raw row normalised to one conversation schema (messages ending with an assistant "
     "turn); malformed rows go to quarantine.jsonl with file, line and reason.",
 )
-def raw_examples(project: ProjectResource) -> dg.MaterializeResult:
+def raw_examples(context: AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
     from pipelines import ingest as stage
 
-    params = project.params()
-    result = run_stage(stage.run, params)
-    return materialized(
-        "raw_examples", result, params, sections=["data"], inputs=["raw_files"],
-        extra={"dagster/row_count": result.metrics.get("rows_out", 0)}, skip=["per_file"],
-    )
+    return stage_asset(context, "raw_examples", stage.run, project.params(), sections=["data"],
+                       inputs=["raw_files"], extra=_rows_out, skip=["per_file"])
 
 
 @dg.asset(
@@ -77,15 +74,11 @@ def raw_examples(project: ProjectResource) -> dg.MaterializeResult:
     description="Rows normalised (Unicode, HTML), PII redacted, exact and near duplicates removed; the "
     "per-rule counts of rows touched and removed are in the metadata.",
 )
-def cleaned_examples(project: ProjectResource) -> dg.MaterializeResult:
+def cleaned_examples(context: AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
     from pipelines import clean as stage
 
-    params = project.params()
-    result = run_stage(stage.run, params)
-    return materialized(
-        "cleaned_examples", result, params, sections=["clean"], inputs=["raw_examples"],
-        extra={"dagster/row_count": result.metrics.get("rows_out", 0)},
-    )
+    return stage_asset(context, "cleaned_examples", stage.run, project.params(), sections=["clean"],
+                       inputs=["raw_examples"], extra=_rows_out)
 
 
 @dg.asset(
@@ -96,21 +89,21 @@ def cleaned_examples(project: ProjectResource) -> dg.MaterializeResult:
     description="Rows rendered with the base model's chat template, with token counts and the length "
     "policy applied (overlong rows dropped or their prompt truncated).",
 )
-def formatted_dataset(project: ProjectResource) -> dg.MaterializeResult:
+def formatted_dataset(context: AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
     from pipelines import format as stage
 
-    params = project.params()
-    result = run_stage(stage.run, params)
-    extra = {"dagster/row_count": result.metrics.get("rows_out", 0)}
-    hist = result.metrics.get("token_histogram")
-    if hist and hist.get("counts"):
-        extra["token_length_histogram"] = histogram_plot(
-            hist["edges"], hist["counts"], "Tokens per row (chat template included)", "tokens"
-        )
-    return materialized(
-        "formatted_dataset", result, params, sections=["format", "model.trust_remote_code"],
-        inputs=["cleaned_examples", "base_model"], extra=extra, skip=["token_histogram"],
-    )
+    def extra(result: StageResult) -> dict:
+        figures = _rows_out(result)
+        hist = result.metrics.get("token_histogram")
+        if hist and hist.get("counts"):
+            figures["token_length_histogram"] = histogram_plot(
+                hist["edges"], hist["counts"], "Tokens per row (chat template included)", "tokens"
+            )
+        return figures
+
+    return stage_asset(context, "formatted_dataset", stage.run, project.params(),
+                       sections=["format", "model.trust_remote_code"], inputs=["cleaned_examples", "base_model"],
+                       extra=extra, skip=["token_histogram"])
 
 
 @dg.asset(
@@ -121,17 +114,17 @@ def formatted_dataset(project: ProjectResource) -> dg.MaterializeResult:
     description="Deterministic train / validation / test split; near-duplicate groups stay within one split "
     "so nothing leaks from training into evaluation.",
 )
-def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
+def dataset_splits(context: AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
     from pipelines import split as stage
 
-    params = project.params()
-    result = run_stage(stage.run, params)
-    return materialized(
-        "dataset_splits", result, params,
-        sections=["split", "clean.near_dup_threshold", "clean.num_perm", "clean.shingle_size"],
-        inputs=["formatted_dataset"],
-        extra={"dagster/row_count": _split_rows(result.metrics)},
-    )
+    return stage_asset(context, "dataset_splits", stage.run, project.params(),
+                       sections=["split", "clean.near_dup_threshold", "clean.num_perm", "clean.shingle_size"],
+                       inputs=["formatted_dataset"],
+                       extra=lambda result: {"dagster/row_count": _split_rows(result.metrics)})
+
+
+def _rows_out(result: StageResult) -> dict:
+    return {"dagster/row_count": result.metrics.get("rows_out", 0)}
 
 
 def _split_rows(metrics: dict) -> int:

@@ -91,6 +91,47 @@ def test_data_assets_materialise_with_metadata_and_passing_checks(project: Path)
         assert _versions(again) == _versions(result)
 
 
+def test_a_warm_rerun_skips_unchanged_stages_and_reruns_what_changed(project: Path, monkeypatch) -> None:
+    import yaml
+
+    from assets.stage import FORCE_TAG, SKIPPED
+    from pipelines import clean, format, ingest, split
+
+    data = ["raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits"]
+    with dg.instance_for_test() as instance:
+        cold = materialize(DATA_ASSETS, project, instance)
+        assert all(SKIPPED not in _metadata(cold, key) for key in data)
+        ran: list[str] = []
+        for module in (ingest, clean, format, split):
+            monkeypatch.setattr(module, "run", lambda params, _run=module.run, _name=module.STAGE:
+                                ran.append(_name) or _run(params))
+
+        warm = materialize(DATA_ASSETS, project, instance)
+        assert ran == [] and all("did not run" in _metadata(warm, key)[SKIPPED] for key in data)
+        assert _metadata(warm, "cleaned_examples")["rows_out"] == _metadata(cold, "cleaned_examples")["rows_out"]
+        assert _versions(warm) == _versions(cold)
+        assert [e for e in warm.get_asset_check_evaluations() if not e.passed] == []
+
+        # an output edited on disk: that stage runs again and writes what its inputs give (same version)
+        formatted = project.parent / "data" / "formatted" / "dataset.jsonl"
+        formatted.write_text(formatted.read_text().replace("Ticket 1:", "Ticket one:", 1))
+        again = materialize(DATA_ASSETS, project, instance)
+        assert ran == ["format"] and SKIPPED not in _metadata(again, "formatted_dataset")
+        assert _versions(again) == _versions(cold)
+
+        # a changed param reruns its stage; unchanged output leaves the stages below skipped
+        params = yaml.safe_load(project.read_text())
+        params.setdefault("clean", {})["min_chars"] = 3  # no message is that short: the output stays the same
+        project.write_text(yaml.safe_dump(params))
+        ran.clear()
+        materialize(DATA_ASSETS, project, instance)
+        assert ran == ["clean"]
+
+        ran.clear()
+        forced = materialize(DATA_ASSETS, project, instance, tags={FORCE_TAG: "true"})
+        assert forced.success and ran == ["ingest", "clean", "format", "split"]
+
+
 def test_schema_check_fails_with_evidence_on_a_broken_file(project: Path) -> None:
     with dg.instance_for_test() as instance:
         assert materialize(DATA_ASSETS[:4], project, instance).success

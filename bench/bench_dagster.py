@@ -190,7 +190,8 @@ def main() -> None:
         timer.take()
         return instance
 
-    def run(instance: dg.DagsterInstance, selection: dg.AssetSelection) -> tuple[float, float, float, int]:
+    def run(instance: dg.DagsterInstance, selection: dg.AssetSelection,
+            cold: bool = True) -> tuple[float, float, float, int]:
         """(wall s, stage compute s, metadata wall_time_s sum, checks evaluated) of one materialize()."""
         with open(LOG, "a") as log, contextlib.redirect_stderr(log):
             started = time.perf_counter()
@@ -198,7 +199,7 @@ def main() -> None:
             wall = time.perf_counter() - started
         assert result.success
         stage = timer.take()
-        assert set(stage) == set(STAGES), stage
+        assert set(stage) == set(STAGES) if cold else set(stage) <= set(STAGES), stage  # warm: unchanged skip
         return wall, sum(stage.values()), metadata_seconds(instance), len(result.get_asset_check_evaluations())
 
     warm_up = fresh_instance()
@@ -210,7 +211,7 @@ def main() -> None:
     for _ in range(args.repeats):  # alternate, so drifting load hits every arm alike
         instance = fresh_instance()
         rows["cold"].append(run(instance, data))
-        rows["warm"].append(run(instance, data))  # the same project and instance, nothing changed
+        rows["warm"].append(run(instance, data, cold=False))  # the same project and instance, nothing changed
         rows["cold, no checks"].append(run(fresh_instance(), assets_only))
 
     def med(arm: str, i: int) -> float:
@@ -220,7 +221,7 @@ def main() -> None:
         print(f"{arm}: wall s {' '.join(f'{r[0]:.2f}' for r in rows[arm])}; in stages s "
               f"{' '.join(f'{r[1]:.2f}' for r in rows[arm])} (metadata wall_time_s "
               f"{' '.join(f'{r[2]:.2f}' for r in rows[arm])}); checks evaluated {rows[arm][0][3]}")
-    ratio = {arm: statistics.median(r[0] / r[1] for r in rows[arm]) for arm in arms}
+    ratio = {arm: statistics.median(r[0] / r[1] for r in rows[arm]) for arm in ("cold", "cold, no checks")}
     print(f"B5a Dagster wall / stage compute (data assets + checks, cold, in-process): {ratio['cold']:.2f}x "
           f"(median of {args.repeats}; {med('cold', 0):.1f} s wall vs {med('cold', 1):.1f} s in "
           f"pipelines.<stage>.run; without checks {ratio['cold, no checks']:.2f}x, "

@@ -190,14 +190,21 @@ def _split_files(project: ProjectResource) -> dict[str, Path]:
                 description="No exact duplicate and no near-duplicate pair (Jaccard >= clean.near_dup_threshold) "
                 "sits in two different splits; blocks training.")
 def dataset_splits_no_leakage(project: ProjectResource) -> dg.AssetCheckResult:
-    from pipelines.split import leakage
+    from pipelines.dedup import conversation_text
+    from pipelines.split import leakage_of
 
     params = project.params()
     files = _split_files(project)
     if missing := [p for p in files.values() if not p.is_file()]:
         return _missing(missing[0], "dataset_splits")
-    splits = {name: list(read_jsonl(path)) for name, path in files.items()}
-    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
+    names, ids, texts = [], [], []  # streamed: only the text each comparison needs is held, not the rows
+    for name, path in files.items():
+        for row in read_jsonl(path):
+            names.append(name)
+            ids.append(row.get("id"))
+            texts.append(conversation_text(row))
+    leak = leakage_of(names, ids, texts, params.clean.near_dup_threshold, params.clean.num_perm,
+                      params.clean.shingle_size)
     exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
     examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
                  "jaccard": e["jaccard"]} for e in leak.get("examples", [])]

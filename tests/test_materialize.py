@@ -148,6 +148,24 @@ def test_schema_check_fails_with_evidence_on_a_broken_file(project: Path) -> Non
         assert "| messages |" in evaluation.metadata["failure_cases"].value
 
 
+def test_leakage_check_fails_with_evidence_when_a_train_row_is_copied_into_test(project: Path) -> None:
+    with dg.instance_for_test() as instance:
+        assert materialize(DATA_ASSETS, project, instance).success
+        splits = project.parent / "data" / "splits"
+        row = json.loads((splits / "train.jsonl").read_text().splitlines()[0])
+        with open(splits / "test.jsonl", "a") as fh:
+            fh.write(json.dumps({**row, "id": "copied-row"}) + "\n")
+        check = next(c for c in CHECKS
+                     if dg.AssetCheckKey(dg.AssetKey("dataset_splits"), "no_leakage") in c.check_keys)
+        result = dg.materialize([check, dataset_splits], selection=dg.AssetSelection.checks(check),
+                                resources={"project": ProjectResource(params_file=str(project))}, instance=instance,
+                                raise_on_error=False)  # a blocking check that fails fails the run
+        [evaluation] = result.get_asset_check_evaluations()
+        assert not evaluation.passed and not result.success
+        assert evaluation.metadata["exact_duplicates_across_splits"].value == 1
+        assert "test:copied-row" in evaluation.metadata["examples"].value
+
+
 def test_bad_params_fail_with_one_sentence(tmp_path: Path) -> None:
     params = write_project(tmp_path, {"clean": {"near_dup_treshold": 0.9}})
     with dg.instance_for_test() as instance:

@@ -12,7 +12,6 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from assets.evaluation import evaluation_report, promoted_adapter
 from assets.metadata import mapping_table, md_table
 from assets.training import lora_adapter
 from assets.versions import RAW_SUFFIXES, raw_file_hashes
-from pipelines.io import read_json, read_jsonl, sha256_tree
+from pipelines.io import chunked, read_json, read_jsonl, sha256_tree
 from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
 from resources.project import ProjectResource
 
@@ -39,9 +38,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def _chunks(path: Path) -> Iterator[list[dict[str, Any]]]:
-    rows = read_jsonl(path)
-    while chunk := list(islice(rows, CHUNK_ROWS)):
-        yield chunk
+    return chunked(read_jsonl(path), CHUNK_ROWS)
 
 
 def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg.AssetCheckResult:
@@ -190,21 +187,14 @@ def _split_files(project: ProjectResource) -> dict[str, Path]:
                 description="No exact duplicate and no near-duplicate pair (Jaccard >= clean.near_dup_threshold) "
                 "sits in two different splits; blocks training.")
 def dataset_splits_no_leakage(project: ProjectResource) -> dg.AssetCheckResult:
-    from pipelines.dedup import conversation_text
-    from pipelines.split import leakage_of
+    from pipelines.split import leakage
 
     params = project.params()
     files = _split_files(project)
     if missing := [p for p in files.values() if not p.is_file()]:
         return _missing(missing[0], "dataset_splits")
-    names, ids, texts = [], [], []  # streamed: only the text each comparison needs is held, not the rows
-    for name, path in files.items():
-        for row in read_jsonl(path):
-            names.append(name)
-            ids.append(row.get("id"))
-            texts.append(conversation_text(row))
-    leak = leakage_of(names, ids, texts, params.clean.near_dup_threshold, params.clean.num_perm,
-                      params.clean.shingle_size)
+    splits = {name: read_jsonl(path) for name, path in files.items()}  # streamed: leakage keeps id and text only
+    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
     exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
     examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
                  "jaccard": e["jaccard"]} for e in leak.get("examples", [])]

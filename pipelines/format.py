@@ -46,7 +46,7 @@ import pandera.errors
 
 from pipelines.chat import Message, TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
 from pipelines.config import FormatConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json
 from pipelines.preflight import preflight
 from pipelines.schemas import FormattedSchema, conversation_problem, validate
 
@@ -313,9 +313,7 @@ def _format_chunk(lines: list[str]) -> _Chunk:
 
 def _line_chunks(path: Path, size: int) -> Iterator[list[str]]:
     with open(path, encoding="utf-8") as fh:
-        lines = (line for line in fh if line.strip())
-        while chunk := list(islice(lines, size)):
-            yield chunk
+        yield from chunked((line for line in fh if line.strip()), size)
 
 
 def _usable_cpus() -> int:

@@ -28,7 +28,7 @@ import json
 import logging
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,9 +128,11 @@ def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int =
     return out
 
 
-def leakage(splits: dict[str, list[dict[str, Any]]], threshold: float, num_perm: int = 128,
+def leakage(splits: Mapping[str, Iterable[dict[str, Any]]], threshold: float, num_perm: int = 128,
             shingle_size: int = 3) -> dict[str, Any]:
-    """Exact and near duplicates (Jaccard >= threshold) that sit in different splits, with a few examples."""
+    """Exact and near duplicates (Jaccard >= threshold) that sit in different splits, with a few examples.
+
+    Each split's rows are iterated once and only their id and text kept, so they can be streamed from files."""
     names, ids, texts = [], [], []
     for name, rows in splits.items():
         for row in rows:

@@ -9,10 +9,14 @@ inputs and library versions produced a materialisation, so two runs can be compa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import dagster as dg
 from pipelines import runcard
 from pipelines.config import Params
 from pipelines.ingest import READERS
-from pipelines.io import sha256_file, sha256_tree
+from pipelines.io import RACY_NS, sha256_file, sha256_tree
 
 # Exactly the files the ingest stage reads: anything else in data/raw (a README, .gitkeep, an editor's
 # hidden swap file) is not data, so it neither changes the raw data version nor triggers the sensor.
@@ -76,9 +80,65 @@ def combined_hash(hashes: Mapping[str, str]) -> str:
     return _sha256_text(json.dumps(sorted(hashes.items())))
 
 
-def content_hash(paths: Iterable[Path]) -> str:
-    """Hash of files and folders (names + bytes); a missing path hashes as absent rather than failing."""
-    parts = [(p.name, sha256_tree(p) if p.exists() else "missing") for p in paths]
+HASH_CACHE = Path(".cache") / "sha256.json"  # under the project root (params.root), git-ignored
+
+
+class HashCache:
+    """sha256 of files, kept in a JSON file under the project and reused while a file's stat is unchanged.
+
+    An entry holds [size, mtime_ns, ctime_ns, inode, sha256] and is trusted only when all four stat fields
+    match, as `raw_file_states` does for the sensor: ctime cannot be set back, so rewriting a file (even with
+    `cp -p` or `touch -d`) gets it rehashed. A file changed less than a second before it is hashed is not
+    remembered: the kernel's timestamps are coarse, so a second write in the same tick could keep the same
+    stat (git's "racy" rule). DVC keeps the same kind of state for the same reason: hashing a
+    500 MB base model on every run is most of a warm run's cost. Losing the file, or a concurrent writer's
+    entries, only costs a rehash; the file is replaced atomically, never left half-written.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            self.entries: dict[str, list[Any]] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key, state = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        known = self.entries.get(key)
+        if isinstance(known, list) and known[:4] == state:
+            return known[4]
+        digest = sha256_file(path)
+        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS:
+            self.entries[key] = [*state, digest]
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.entries = {k: v for k, v in self.entries.items() if Path(k).is_file()}  # forget deleted files
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".sha256-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.entries, fh)
+            os.replace(tmp, self.file)
+        except OSError:  # a read-only project still works, it only rehashes
+            return
+
+
+def content_hash(paths: Iterable[Path], root: Path | None = None) -> str:
+    """Hash of files and folders (names + bytes); a missing path hashes as absent rather than failing.
+
+    With `root` (the project folder), file hashes are cached in root/.cache/sha256.json (see HashCache).
+    """
+    cache = HashCache(root / HASH_CACHE) if root is not None else None
+    file_hash = cache.sha256 if cache else sha256_file
+    parts = [(p.name, sha256_tree(p, file_hash) if p.exists() else "missing") for p in paths]
+    if cache:
+        cache.save()
     return _sha256_text(json.dumps(parts))
 
 
@@ -93,8 +153,13 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache
+def _library_versions() -> dict[str, str]:
+    return runcard.library_versions(LIBRARIES)  # reading package metadata: once per process
+
+
 def library_versions() -> dict[str, str]:
-    return runcard.library_versions(LIBRARIES)
+    return dict(_library_versions())
 
 
 def _section(params: Params, dotted: str) -> Any:
@@ -138,7 +203,7 @@ def raw_version(params: Params) -> str:
 def current_version(asset: str, params: Params) -> str:
     if asset == "raw_files":
         return raw_version(params)
-    return content_hash(versioned_files(asset, params))[:16]
+    return content_hash(versioned_files(asset, params), params.root)[:16]
 
 
 def run_card(params: Params, sections: Sequence[str], inputs: Sequence[str]) -> dict[str, Any]:

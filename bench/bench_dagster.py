@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_dagster.py              # 3 repeats, in-process
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_dagster.py --cli        # + `dagster job execute -j data_job`
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_dagster.py --rows 20000 # generated raw data instead of the demo
 
 A throw-away project under bench/out/dagster/project/ (a copy of params.yaml, data/raw and the already
 converted data/base_model) is what every run reads and writes; PIPELINES_PARAMS points
@@ -31,6 +32,11 @@ figures are about Dagster's per-run cost, not Python start-up. In-process is the
 overhead: the UI and the CLI use the multiprocess executor, one Python process per step; `--cli` also
 times `dagster job execute -m assets.definitions -j data_job` in a subprocess (observing raw_files
 included) with stage compute read from the asset metadata (wall_time_s), to show that cost.
+
+Dagster's own cost per run is roughly fixed (creating the run, about 40 ms of event-log writes per step,
+12 steps), while stage compute grows with the data, so both ratios depend on the data size: `--rows N`
+replaces the demo's data/raw with N generated Alpaca-style rows (bench_scale.generate: 3% exact and 2%
+near copies) to show where they land on a larger project.
 
 The thread count is fixed (`--threads`, default $OMP_NUM_THREADS or 2: torch.set_num_threads and
 OMP_NUM_THREADS, also for the subprocess); the load average is printed at the start and the end.
@@ -68,18 +74,25 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="alternating repeats of each arm (default 3)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
                     help="torch threads (default $OMP_NUM_THREADS or 2)")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="generated raw rows instead of the repository's data/raw (default: the demo data)")
     ap.add_argument("--cli", action="store_true",
                     help="also time `dagster job execute -j data_job` in a subprocess (multiprocess executor)")
     return ap.parse_args()
 
 
-def make_project() -> Path:
-    """params.yaml + data/raw + data/base_model copied from the repository into bench/out/dagster/project."""
+def make_project(rows: int = 0) -> Path:
+    """params.yaml + data/raw (or `rows` generated rows) + data/base_model copied into bench/out/dagster/project."""
     if PROJECT.exists():
         shutil.rmtree(PROJECT)
     (PROJECT / "data").mkdir(parents=True)
     shutil.copyfile(ROOT / "params.yaml", PROJECT / "params.yaml")
-    shutil.copytree(ROOT / "data" / "raw", PROJECT / "data" / "raw")
+    if rows:
+        from bench_scale import generate
+
+        generate(PROJECT / "data" / "raw" / "bench.jsonl", rows)
+    else:
+        shutil.copytree(ROOT / "data" / "raw", PROJECT / "data" / "raw")
     model = ROOT / "data" / "base_model"
     if (model / "source.json").is_file():
         shutil.copytree(model, PROJECT / "data" / "base_model")
@@ -158,7 +171,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
     print(f"load average at start: {loadavg()}  cpus: {os.cpu_count()}  threads: {args.threads}")
-    params_file = make_project()
+    params_file = make_project(args.rows)
+    print(f"raw data: {f'{args.rows} generated rows' if args.rows else 'the demo (data/raw)'}")
     os.environ["PIPELINES_PARAMS"] = str(params_file)  # read by assets.definitions at import
     shutil.rmtree(HOMES, ignore_errors=True)
     HOMES.mkdir(parents=True)
@@ -200,14 +214,16 @@ def main() -> None:
         assert result.success
         stage = timer.take()
         assert set(stage) == set(STAGES) if cold else set(stage) <= set(STAGES), stage  # warm: unchanged skip
-        return wall, sum(stage.values()), metadata_seconds(instance), len(result.get_asset_check_evaluations())
+        evaluations = result.get_asset_check_evaluations()
+        reused = sum("reused" in e.metadata for e in evaluations)  # assets.checks.REUSED
+        return wall, sum(stage.values()), metadata_seconds(instance), len(evaluations), reused
 
     warm_up = fresh_instance()
-    wall, stage, _, n_checks = run(warm_up, data)
+    wall, stage, _, n_checks, _ = run(warm_up, data)
     print(f"warm-up (imports, not counted): {wall:.1f} s wall, {stage:.1f} s in stages, {n_checks} checks")
 
     arms = ("cold", "warm", "cold, no checks")
-    rows: dict[str, list[tuple[float, float, float, int]]] = {a: [] for a in arms}
+    rows: dict[str, list[tuple[float, float, float, int, int]]] = {a: [] for a in arms}
     for _ in range(args.repeats):  # alternate, so drifting load hits every arm alike
         instance = fresh_instance()
         rows["cold"].append(run(instance, data))
@@ -220,7 +236,8 @@ def main() -> None:
     for arm in arms:
         print(f"{arm}: wall s {' '.join(f'{r[0]:.2f}' for r in rows[arm])}; in stages s "
               f"{' '.join(f'{r[1]:.2f}' for r in rows[arm])} (metadata wall_time_s "
-              f"{' '.join(f'{r[2]:.2f}' for r in rows[arm])}); checks evaluated {rows[arm][0][3]}")
+              f"{' '.join(f'{r[2]:.2f}' for r in rows[arm])}); checks evaluated {rows[arm][0][3]}, "
+              f"reused unchanged {rows[arm][0][4]}")
     ratio = {arm: statistics.median(r[0] / r[1] for r in rows[arm]) for arm in ("cold", "cold, no checks")}
     print(f"B5a Dagster wall / stage compute (data assets + checks, cold, in-process): {ratio['cold']:.2f}x "
           f"(median of {args.repeats}; {med('cold', 0):.1f} s wall vs {med('cold', 1):.1f} s in "

@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -201,6 +201,11 @@ def require(path: str | Path, produced_by: str) -> Path:
     return path
 
 
+# A file changed less than this long ago may change again within the same coarse kernel clock tick and keep
+# the same size, mtime and ctime: caches keyed by a file's stat must not remember it yet (git's "racy" rule).
+RACY_NS = 1_000_000_000
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -209,13 +214,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(path: str | Path) -> str:
-    """Content hash of a file or of a folder (relative paths + file contents, in sorted order)."""
+def sha256_tree(path: str | Path, file_hash: Callable[[Path], str] = sha256_file) -> str:
+    """Content hash of a file or of a folder (relative paths + file contents, in sorted order).
+
+    `file_hash` hashes one file; a caller that keeps hashes of unchanged files passes its cached lookup.
+    """
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return file_hash(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
+        h.update(file_hash(f).encode())
     return h.hexdigest()

@@ -111,6 +111,11 @@ def test_a_warm_rerun_skips_unchanged_stages_and_reruns_what_changed(project: Pa
         assert _metadata(warm, "cleaned_examples")["rows_out"] == _metadata(cold, "cleaned_examples")["rows_out"]
         assert _versions(warm) == _versions(cold)
         assert [e for e in warm.get_asset_check_evaluations() if not e.passed] == []
+        # the data checks re-read no file whose bytes, params and check code are those of their last pass
+        assert _reused(warm) == {"raw_examples/schema", "cleaned_examples/schema", "formatted_dataset/schema",
+                                 "cleaned_examples/no_exact_duplicates", "dataset_splits/no_leakage",
+                                 "dataset_splits/schema", "dataset_splits/non_empty"}
+        assert _reused(cold) == set()
 
         # an output edited on disk: that stage runs again and writes what its inputs give (same version)
         formatted = project.parent / "data" / "formatted" / "dataset.jsonl"
@@ -118,6 +123,9 @@ def test_a_warm_rerun_skips_unchanged_stages_and_reruns_what_changed(project: Pa
         again = materialize(DATA_ASSETS, project, instance)
         assert ran == ["format"] and SKIPPED not in _metadata(again, "formatted_dataset")
         assert _versions(again) == _versions(cold)
+        # rebuilt byte for byte (formatted/ holds no timings), so the verdict on those bytes stands; a check on
+        # changed bytes is evaluated again (test_schema_check_fails_with_evidence_on_a_broken_file)
+        assert {"formatted_dataset/schema", "dataset_splits/schema"} <= _reused(again)
 
         # a changed param reruns its stage; unchanged output leaves the stages below skipped
         params = yaml.safe_load(project.read_text())
@@ -129,7 +137,14 @@ def test_a_warm_rerun_skips_unchanged_stages_and_reruns_what_changed(project: Pa
 
         ran.clear()
         forced = materialize(DATA_ASSETS, project, instance, tags={FORCE_TAG: "true"})
-        assert forced.success and ran == ["ingest", "clean", "format", "split"]
+        assert forced.success and ran == ["ingest", "clean", "format", "split"] and _reused(forced) == set()
+
+
+def _reused(result: dg.ExecuteInProcessResult) -> set[str]:
+    from assets.checks import REUSED
+
+    return {f"{e.asset_key.to_user_string()}/{e.check_name}" for e in result.get_asset_check_evaluations()
+            if REUSED in e.metadata}
 
 
 def test_schema_check_fails_with_evidence_on_a_broken_file(project: Path) -> None:
@@ -146,6 +161,10 @@ def test_schema_check_fails_with_evidence_on_a_broken_file(project: Path) -> Non
         assert not evaluation.passed
         assert evaluation.metadata["failures"].value == 1
         assert "| messages |" in evaluation.metadata["failure_cases"].value
+        again = dg.materialize([check, cleaned_examples], selection=dg.AssetSelection.checks(check),
+                               resources={"project": ProjectResource(params_file=str(project))}, instance=instance)
+        [evaluation] = again.get_asset_check_evaluations()
+        assert not evaluation.passed and "reused" not in evaluation.metadata  # a failure is evaluated afresh
 
 
 def test_leakage_check_fails_with_evidence_when_a_train_row_is_copied_into_test(project: Path) -> None:

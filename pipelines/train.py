@@ -340,31 +340,81 @@ _SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
-def _plain_label_head(hidden: Any, head: Any, targets: Any) -> tuple[Any, Any, Any]:
-    """log p(target), entropy and "target is the argmax" at each labelled position: (n,) each."""
-    import torch
-    import torch.nn.functional as F
+HEAD_ROWS = 32  # label positions per elementwise pass of the CPU head: a (32, vocab) tile stays in cache
 
-    logits = head(hidden).float()  # (n, vocab); n = labelled positions only
-    log_probs = -F.cross_entropy(logits, targets, reduction="none")
-    with torch.no_grad():  # logging only, as in TRL: the entropy and top-1 accuracy of the training batch
-        lse = torch.logsumexp(logits, dim=-1)
-        probs = (logits - lse.unsqueeze(-1)).exp_()
-        entropy = lse - (probs * logits).sum(-1)
-        is_top1 = logits.argmax(-1) == targets  # argmax: the first maximum, as TRL counts a tie
-    return log_probs, entropy, is_top1
+
+def _label_log_prob_function() -> Any:
+    """The LM head at the label positions as one autograd Function: (hidden, weight, targets) -> log p(target),
+    entropy, is-top-1. Built on first use so importing this module does not import torch."""
+    import torch
+
+    class LabelLogProb(torch.autograd.Function):
+        """logits = hidden @ weight.T, held once: the forward reads it in cache-sized row tiles for the
+        log-sum-exp and the entropy, and the backward turns that same buffer, in place, into the gradient
+        of log p(target) with respect to the logits (one-hot minus softmax, times the incoming gradient).
+        F.cross_entropy + a separate entropy allocate five (labels, vocab) tensors per step instead of one;
+        on this CPU each fresh one costs page faults and a pass over memory."""
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any) -> tuple[Any, Any, Any]:
+            logits = hidden @ weight.t()  # (n, vocab)
+            lse, entropy = logits.new_empty(len(logits)), logits.new_empty(len(logits))
+            for start in range(0, len(logits), HEAD_ROWS):
+                tile = logits[start:start + HEAD_ROWS]
+                peak = tile.amax(-1, keepdim=True)
+                exp = (tile - peak).exp_()
+                total = exp.sum(-1)
+                lse[start:start + HEAD_ROWS] = tile_lse = peak.squeeze(-1) + total.log()
+                entropy[start:start + HEAD_ROWS] = tile_lse - torch.linalg.vecdot(exp, tile) / total  # lse - E[logit]
+            is_top1 = logits.argmax(-1) == targets  # the first maximum, as TRL counts a tie
+            log_probs = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+            ctx.save_for_backward(hidden, weight, targets, lse)
+            ctx.logits = logits  # consumed by backward
+            ctx.mark_non_differentiable(entropy, is_top1)
+            return log_probs, entropy, is_top1
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any, _entropy: Any, _top1: Any) -> tuple[Any, Any, None]:
+            hidden, weight, targets, lse = ctx.saved_tensors
+            logits, ctx.logits = ctx.logits, None
+            if logits is None:
+                raise RuntimeError("the CPU LM head's backward reuses its logits buffer and can run only once")
+            for start in range(0, len(logits), HEAD_ROWS):  # d log p_t / d logit_j = 1[j = t] - p_j
+                rows = slice(start, start + HEAD_ROWS)
+                logits[rows].sub_(lse[rows, None]).exp_().mul_(-grad[rows, None])
+            logits[torch.arange(len(logits)), targets] += grad
+            grad_hidden = logits @ weight if ctx.needs_input_grad[0] else None
+            grad_weight = logits.t() @ hidden if ctx.needs_input_grad[1] else None
+            return grad_hidden, grad_weight, None
+
+    return LabelLogProb
+
+
+_LABEL_LOG_PROB: Any = None
+
+
+def _plain_label_head(hidden: Any, head: Any, targets: Any) -> tuple[Any, Any, Any]:
+    """log p(target), entropy and "target is the argmax" at each labelled position: (n,) each.
+
+    entropy and is_top1 are for logging only, as in TRL (no gradient flows through them).
+    """
+    global _LABEL_LOG_PROB
+    if _LABEL_LOG_PROB is None:
+        _LABEL_LOG_PROB = _label_log_prob_function()
+    return _LABEL_LOG_PROB.apply(hidden.float(), head.weight.float(), targets)
 
 
 def plain_head_on_cpu(model: Any) -> bool:
-    """On CPU, compute TRL's fused-LM-head outputs with one matmul and PyTorch's cross-entropy; True if installed.
+    """On CPU, compute TRL's fused-LM-head outputs with one matmul and an in-place softmax; True if installed.
 
     TRL computes the loss with a chunked LM head that never holds the (positions, vocab) logits: right for
     GPU memory, but on CPU its torch fallback makes ~10 elementwise passes over every logit tile forward and
-    backward. Measured here on 900 label positions (a batch of 8 Alpaca rows), forward + backward: 2.45 s
-    TRL's head vs 0.94 s matmul + cross-entropy. This path keeps TRL's contract (same loss, log_probs,
-    entropy, is_top1 and label_mask; tests/test_train.py compares them) for batches of up to
-    PLAIN_HEAD_MAX_LABELS labels (~0.8 GB of logits for SmolLM2); larger batches, scaled or soft-capped
-    heads and pre-shifted labels go to TRL's own path.
+    backward. Measured here, 2 threads, forward + backward: on 900 label positions (a batch of 8 Alpaca rows)
+    2.45 s TRL's head vs 0.94 s matmul + F.cross_entropy; on 1,500 positions 2.05 s for matmul +
+    cross-entropy + a separate entropy vs 1.29 s for LabelLogProb (_label_log_prob_function). This path keeps
+    TRL's contract (same loss, log_probs, entropy, is_top1 and label_mask; tests/test_train.py compares them,
+    gradients included) for batches of up to PLAIN_HEAD_MAX_LABELS labels (~0.8 GB of logits for SmolLM2);
+    larger batches, scaled, soft-capped or biased heads and pre-shifted labels go to TRL's own path.
     """
     import types
 
@@ -373,9 +423,14 @@ def plain_head_on_cpu(model: Any) -> bool:
     except ImportError:  # a TRL without the fused head: its compute_loss does not call fused_lm_head=True either
         return False
 
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text_config = base.config.get_text_config()
     if any(getattr(text_config, key, None) is not None for key in _SCALED_HEAD_KEYS):
+        return False
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # a wrapped (e.g. LoRA) or biased head
         return False
     fused = base.forward  # TRL's patched forward: the fallback
 

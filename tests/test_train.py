@@ -176,6 +176,31 @@ def test_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(ti
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_label_head_function_matches_cross_entropy_across_tiles():
+    """LabelLogProb over several row tiles (70 rows, tiles of 32) = log_softmax + gather, entropy and argmax,
+    with the gradients of both the hidden states and the head weight; its backward refuses a second call."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    weight = (torch.randn(500, 24) * 0.3).requires_grad_()
+    targets = torch.randint(0, 500, (70,))
+    upstream = torch.randn(70)  # any incoming gradient, not only the mean loss's
+    log_probs, entropy, is_top1 = train._label_log_prob_function().apply(hidden, weight, targets)
+    (log_probs * upstream).sum().backward(retain_graph=True)
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    log_p = F.log_softmax(hidden @ weight.t(), dim=-1)
+    ((log_p.gather(1, targets[:, None]).squeeze(1)) * upstream).sum().backward()
+    torch.testing.assert_close(log_probs, log_p.gather(1, targets[:, None]).squeeze(1).detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(is_top1, (hidden @ weight.t()).argmax(-1) == targets) and not entropy.requires_grad
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="only once"):
+        (log_probs * upstream).sum().backward()
+
+
 def test_plain_cpu_head_matches_trl_fused_head(tiny_model_dir, monkeypatch):
     """The CPU head (one matmul + cross-entropy) returns what TRL's chunked head returns, gradients included."""
     import trl.trainer.utils as trl_utils

@@ -18,7 +18,6 @@ from typing import Any
 import dagster as dg
 import pandera.errors
 import pandera.pandas as pa
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from assets.automation import CHECK_WITH_ASSET
 from assets.data import base_model, cleaned_examples, dataset_splits, formatted_dataset, raw_examples, raw_files
@@ -91,7 +90,6 @@ def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg
 CHECK_CODE = code_version("assets.checks", "pipelines.schemas", "pipelines.dedup", "pipelines.split",
                           "pipelines.io")
 REUSED = "reused"
-_COMPLETED = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
 
 
 def _fingerprint(context: dg.AssetCheckExecutionContext, params: Params, folder: str) -> str:
@@ -100,6 +98,25 @@ def _fingerprint(context: dg.AssetCheckExecutionContext, params: Params, folder:
     keys = sorted(spec.key.to_user_string() for spec in context.check_specs)
     parts = [keys, CHECK_CODE, params.model_dump(mode="json"), content_hash([params.path(folder)], params.root)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _last_evaluation(context: dg.AssetCheckExecutionContext) -> tuple[str, Any] | None:
+    """(run id, AssetCheckEvaluation) of this check's latest completed evaluation, or None.
+
+    The check history is read through the event log storage, which Dagster does not document as public API:
+    if a release moves it, every check is simply evaluated (never a wrong reuse).
+    """
+    try:
+        from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
+
+        (key,) = (spec.key for spec in context.check_specs)
+        history = context.instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=1, status={Status.SUCCEEDED, Status.FAILED})
+        record = history[0] if history else None
+        evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return (record.run_id, evaluation) if isinstance(evaluation, dg.AssetCheckEvaluation) else None
 
 
 def reuse_or_check(context: dg.AssetCheckExecutionContext, params: Params, folder: str,
@@ -111,14 +128,10 @@ def reuse_or_check(context: dg.AssetCheckExecutionContext, params: Params, folde
     pipelines/force=true (assets.stage.FORCE_TAG) re-evaluates every check.
     """
     fingerprint = _fingerprint(context, params, folder)
-    if context.run.tags.get(FORCE_TAG, "").lower() != "true":
-        (key,) = (spec.key for spec in context.check_specs)
-        history = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=1,
-                                                                                       status=_COMPLETED)
-        previous = history[0].event.dagster_event.event_specific_data if history and history[0].event else None
-        if (previous is not None and previous.passed
-                and getattr(previous.metadata.get("fingerprint"), "value", None) == fingerprint):
-            note = f"files, params and check code unchanged since run {history[0].run_id[:8]}: not re-read"
+    if context.run.tags.get(FORCE_TAG, "").lower() != "true" and (last := _last_evaluation(context)):
+        run_id, previous = last
+        if previous.passed and getattr(previous.metadata.get("fingerprint"), "value", None) == fingerprint:
+            note = f"files, params and check code unchanged since run {run_id[:8]}: not re-read"
             metadata = {k: v for k, v in previous.metadata.items() if k != REUSED}
             return dg.AssetCheckResult(passed=True, severity=previous.severity, metadata={**metadata, REUSED: note})
     result = evaluate()

@@ -24,7 +24,9 @@ printed next to it as a cross-check). Figures, each the median of `--repeats`:
       without the checks is printed too: the checks re-read and re-validate the written files, work
       a plain `python -m pipelines <stage>` chain does not do.
   (b) warm / cold wall time (target <= 5%). cold: the project's outputs deleted and a fresh instance;
-      warm: the same project and instance materialised again right after, nothing changed.
+      warm: the same project and instance materialised again right after, nothing changed. The data
+      assets skip their stage (assets.stage) and the data checks reuse their last pass
+      (assets.checks.reuse_or_check); the line "reused unchanged" counts those checks.
 
 The arms alternate: per repeat, cold (with checks), warm (with checks), cold (no checks). One unmeasured
 run first pays the one-off imports (torch and transformers, which the format stage imports), so the

@@ -24,12 +24,18 @@ from assets.training import TRAINING_ASSETS
 from resources.project import ProjectResource
 from resources.trainer import TrainerResource
 
+# One process per step, as Dagster's default executor, but forked from a server that has imported this code
+# location once (forkserver preloads the run's module): a step no longer pays ~1.5 s of Python start-up and
+# imports before it does any work.
+STEP_EXECUTOR = dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}})
+
 defs = dg.Definitions(
     assets=[*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS],
     asset_checks=CHECKS,
     jobs=[data_job, lifecycle_job],
     sensors=[raw_data_sensor, retrain_sensor],
     schedules=[weekly_retrain],
+    executor=STEP_EXECUTOR,
     # PIPELINES_PARAMS points the UI at another params file (e.g. an experiment); default ./params.yaml
     resources={
         "project": ProjectResource(params_file=os.environ.get("PIPELINES_PARAMS", "params.yaml")),

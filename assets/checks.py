@@ -6,7 +6,7 @@ each with its evidence in metadata. Blocking checks stop the rest of the run whe
     evaluation_report / fine_tuned_beats_base   only an adapter that beats the base gets promoted
 """
 
-
+# No `from __future__ import annotations`: Dagster reads the `context` annotation of a check at decoration time.
 import hashlib
 import json
 import math

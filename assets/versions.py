@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import dagster as dg
 from pipelines import runcard
 from pipelines.config import Params
 from pipelines.ingest import READERS
-from pipelines.io import RACY_NS, sha256_file, sha256_tree
+from pipelines.io import file_state, settled, sha256_file, sha256_tree
 
 # Exactly the files the ingest stage reads: anything else in data/raw (a README, .gitkeep, an editor's
 # hidden swap file) is not data, so it neither changes the raw data version nor triggers the sensor.
@@ -104,13 +103,12 @@ class HashCache:
         self.changed = False
 
     def sha256(self, path: Path) -> str:
-        stat = path.stat()
-        key, state = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        key, state = str(path.resolve()), file_state(path)
         known = self.entries.get(key)
-        if isinstance(known, list) and known[:4] == state:
+        if isinstance(known, list) and tuple(known[:4]) == state:
             return known[4]
         digest = sha256_file(path)
-        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS:
+        if settled(state):
             self.entries[key] = [*state, digest]
             self.changed = True
         return digest

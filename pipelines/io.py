@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -204,6 +205,18 @@ def require(path: str | Path, produced_by: str) -> Path:
 # A file changed less than this long ago may change again within the same coarse kernel clock tick and keep
 # the same size, mtime and ctime: caches keyed by a file's stat must not remember it yet (git's "racy" rule).
 RACY_NS = 1_000_000_000
+
+
+def file_state(path: str | Path) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, ctime_ns, inode): what a cache keyed by a file's stat compares. ctime cannot be set
+    back, so a rewrite shows even when it keeps the size and restores the mtime; a replace shows as a new inode."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+def settled(state: tuple[int, int, int, int]) -> bool:
+    """True if the file of this `file_state` last changed more than RACY_NS ago, so the state may be remembered."""
+    return time.time_ns() - max(state[1], state[2]) > RACY_NS
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

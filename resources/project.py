@@ -7,30 +7,22 @@ Only the location is environment; every knob that changes a result stays in para
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from pipelines.config import ConfigError, Params, load_params
-from pipelines.io import RACY_NS
+from pipelines.io import file_state, settled
 
-_LOADED: dict[tuple[Any, ...], Params] = {}  # (resolved path, size, mtime_ns, ctime_ns, inode) -> params
+_LOADED: dict[tuple[Any, ...], Params] = {}  # (resolved path, *file_state) -> params
 
 
 def _stat_key(path: Path) -> tuple[Any, ...] | None:
     try:
-        stat = path.stat()
+        return str(path.resolve()), *file_state(path)
     except OSError:
         return None
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
-
-
-def _settled(path: Path) -> bool:
-    """Last changed over a second ago: a second edit in the same coarse clock tick could keep the same stat."""
-    stat = path.stat()
-    return time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS
 
 
 class ProjectResource(dg.ConfigurableResource):
@@ -52,7 +44,7 @@ class ProjectResource(dg.ConfigurableResource):
             params = load_params(path)
         except ConfigError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
-        if key is not None and key == _stat_key(path) and _settled(path):  # not edited while or just before it was read
+        if key is not None and key == _stat_key(path) and settled(key[1:]):  # not edited while or just before read
             _LOADED.clear()
             _LOADED[key] = params
         return params

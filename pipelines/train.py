@@ -21,6 +21,7 @@ a rerun resumes from the last complete checkpoint there, and refuses one whose s
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -336,13 +337,12 @@ def score_only_label_positions() -> bool:
 
 
 PLAIN_HEAD_MAX_LABELS = 4096  # label positions per batch up to which the CPU head keeps (labels, vocab) logits
+HEAD_ROWS = 32  # label positions per elementwise pass of the CPU head: a (32, vocab) tile stays in cache
 _SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
 
-HEAD_ROWS = 32  # label positions per elementwise pass of the CPU head: a (32, vocab) tile stays in cache
-
-
+@functools.cache
 def _label_log_prob_function() -> Any:
     """The LM head at the label positions as one autograd Function: (hidden, weight, targets) -> log p(target),
     entropy, is-top-1. Built on first use so importing this module does not import torch."""
@@ -390,18 +390,12 @@ def _label_log_prob_function() -> Any:
     return LabelLogProb
 
 
-_LABEL_LOG_PROB: Any = None
-
-
 def _plain_label_head(hidden: Any, head: Any, targets: Any) -> tuple[Any, Any, Any]:
     """log p(target), entropy and "target is the argmax" at each labelled position: (n,) each.
 
     entropy and is_top1 are for logging only, as in TRL (no gradient flows through them).
     """
-    global _LABEL_LOG_PROB
-    if _LABEL_LOG_PROB is None:
-        _LABEL_LOG_PROB = _label_log_prob_function()
-    return _LABEL_LOG_PROB.apply(hidden.float(), head.weight.float(), targets)
+    return _label_log_prob_function().apply(hidden.float(), head.weight.float(), targets)
 
 
 def plain_head_on_cpu(model: Any) -> bool:

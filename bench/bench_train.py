@@ -97,27 +97,11 @@ def matmul_peak(threads: int, repeats: int = 5) -> float:
     return best
 
 
-def _timer() -> Any:
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds, self._start = 0.0, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += time.perf_counter() - self._start
-
-    return StepTimer()
-
-
 def run_ours(conversations: list[list[dict[str, str]]], params: Any, env: Any, steps: int) -> dict[str, float]:
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer
 
-    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, to_dataset
+    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, step_timer, to_dataset
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -126,7 +110,7 @@ def run_ours(conversations: list[list[dict[str, str]]], params: Any, env: Any, s
     cfg = params.train.model_copy(update={"max_steps": steps, "logging_steps": 10_000, "save_steps": 10_000,
                                           "eval_steps": 10_000, "report_to": "none"})
     model = load_model(base, cfg, env)
-    timer = _timer()
+    timer = step_timer()
     trainer = build_trainer(model, tokenizer, to_dataset(split, is_eval=False), None, cfg, env, OUT / "ours",
                             callbacks=[timer])
     # The rows come in the epoch's own batches, in order: the length-grouped sampler would re-draw batches from
@@ -146,7 +130,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    from pipelines.train import peft_config
+    from pipelines.train import peft_config, step_timer
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -174,7 +158,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
         learning_rate=cfg.learning_rate, seed=cfg.seed, use_cpu=True, report_to=[], save_strategy="no",
         logging_steps=10_000, disable_tqdm=True, dataloader_pin_memory=False,
     )
-    timer = _timer()
+    timer = step_timer()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[timer])
     trainer.train()
     return {"seconds": timer.seconds, "real": counts[0], "slots": counts[1]}

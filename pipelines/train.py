@@ -603,9 +603,15 @@ def _callbacks(fingerprint: dict[str, Any], on_log: OnLog | None) -> list[Any]:
             if on_log is not None and state.is_world_process_zero and logs:
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
-    class StepTimer(TrainerCallback):
-        """Seconds spent in optimizer steps (forward, backward, update), without evaluation and checkpoint saves."""
+    return [Fingerprint(), ForwardLogs(), step_timer()]
 
+
+def step_timer() -> Any:
+    """A trainer callback summing the seconds spent in optimizer steps (forward, backward, update), without
+    evaluation and checkpoint saves: `.seconds` over `.steps` (bench/bench_train.py times both arms with it)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.seconds, self.steps, self._start = 0.0, 0, 0.0
 
@@ -616,7 +622,7 @@ def _callbacks(fingerprint: dict[str, Any], on_log: OnLog | None) -> list[Any]:
             self.seconds += time.perf_counter() - self._start
             self.steps += 1
 
-    return [Fingerprint(), ForwardLogs(), StepTimer()]
+    return StepTimer()
 
 
 # ----------------------------------------------------------------------------------------------------- outputs

@@ -202,7 +202,7 @@ def test_label_head_function_matches_cross_entropy_across_tiles():
 
 
 def test_plain_cpu_head_matches_trl_fused_head(tiny_model_dir, monkeypatch):
-    """The CPU head (one matmul + cross-entropy) returns what TRL's chunked head returns, gradients included."""
+    """The CPU head (one matmul, LabelLogProb) returns what TRL's chunked head returns, gradients included."""
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 

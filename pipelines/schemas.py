@@ -4,8 +4,12 @@ writes the data and exposed again as Dagster asset checks (assets/checks.py).
 Row schema shared by every stage from ingest on (one JSON object per line):
     id        stable row id (hex)                  source  file the row came from (relative path)
     line      1-based line (or record) in source   format  detected raw format (alpaca, sharegpt, ...)
-    messages  [{"role": ..., "content": ...}]      tools   JSON string of tool schemas, or null
+    messages  [{"role": ..., "content": ..., "weight"?: 0|1}]   tools   JSON string of tool schemas, or null
     meta      any other fields of the raw row (e.g. category), kept for stratification and reports
+
+A message's optional "weight" is the per-turn training flag of OpenAI's chat fine-tuning format (also
+mistral-finetune and Axolotl): an assistant message with weight 0 stays in the context but gets no loss.
+Absent means 1. Only assistant messages carry it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = frozenset({"role", "content", "weight"})
+
+
+def trained(message: dict[str, Any]) -> bool:
+    """True if the loss is computed on this message: an assistant turn whose weight is not 0."""
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0
 
 
 def conversation_problem(messages: Any) -> str | None:
@@ -24,14 +34,16 @@ def conversation_problem(messages: Any) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "messages must be a non-empty list"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) - {"role", "content"}:
-            return f"message {i} must be an object with only 'role' and 'content'"
+        if not isinstance(m, dict) or set(m) - MESSAGE_KEYS or "role" not in m or "content" not in m:
+            return f"message {i} must be an object with 'role', 'content' and optionally 'weight'"
         if m.get("role") not in ROLES:
             return f"message {i} has role {m.get('role')!r}; allowed: {', '.join(ROLES)}"
         if not isinstance(m.get("content"), str):
             return f"message {i} content must be a string, got {type(m.get('content')).__name__}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "conversation has no assistant message to learn from"
+        if "weight" in m and (m["role"] != "assistant" or type(m["weight"]) is not int or m["weight"] not in (0, 1)):
+            return f"message {i} has weight {m['weight']!r}; only assistant messages carry a weight, 0 or 1"
+    if not any(trained(m) for m in messages):
+        return "conversation has no assistant message to learn from (none, or every one has weight 0)"
     if messages[-1]["role"] != "assistant":
         return "conversation must end with an assistant message"
     return None

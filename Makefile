@@ -12,13 +12,20 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup pipeline test test-fast ui lint clean-venv
+.PHONY: setup llama-cpp pipeline test test-fast ui lint clean-venv
 
 # Project venv: torch first (the CPU build), then the project pinned by constraints.txt.
 # DVC lives in its own venv (.venv-dvc): it pins antlr4-python3-runtime 4.9 through hydra, while
 # Dagster's asset-selection parser needs 4.13. Its `dvc` entry point is linked into .venv/bin, so
 # both CLIs are on PATH after `source .venv/bin/activate` and neither sees the other's packages.
-setup: $(VENV)/.installed $(DVCENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+setup: $(VENV)/.installed $(DVCENV)/.installed $(DAGSTER_HOME)/dagster.yaml llama-cpp
+
+# llama.cpp (llama-server, llama-quantize, the GGUF converters) built from the source that the pinned
+# llama-cpp-python sdist vendors, once per machine, into ~/.cache/finetune-factory/ (outside the clone, so
+# every clone reuses it; ~7 min on 2 busy cores the first time, 0.1 s after). The export stages, `serve`
+# and their tests need it.
+llama-cpp: $(VENV)/.installed
+	$(VENV)/bin/python -m pipelines.llama_cpp
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)

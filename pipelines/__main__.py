@@ -3,6 +3,8 @@
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
     python -m pipelines check-params               # validate params.yaml and print it resolved
+    python -m pipelines chat [--adapter promoted]  # talk to the model in the terminal (not a DVC stage)
+    python -m pipelines serve                      # OpenAI-compatible server on 127.0.0.1 (not a DVC stage)
 
 User errors (bad params, missing inputs, unreadable data) print one sentence and exit with status 2;
 no traceback. Anything else is a bug and keeps its traceback.
@@ -29,6 +31,15 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "fine-tune the adapter with TRL SFTTrainer + peft"),
     "evaluate": ("pipelines.evaluate", "base vs fine-tuned on the test split; report + metrics"),
     "promote": ("pipelines.promote", "copy the adapter to the promoted folder if it passed the gate"),
+    "merge": ("pipelines.merged_model", "merge the promoted adapter into the base; check it reproduces base+adapter"),
+    "export-gguf": ("pipelines.gguf_model", "convert the merged model to GGUF (llama.cpp) + Ollama Modelfile; check"),
+}
+
+# commands a user runs that are not DVC stages: module exposing parser() and command(args, params). Their
+# modules are imported only when chosen, so a stage's start-up does not pay for torch-heavy imports.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("pipelines.terminal_chat", "chat with the model in the terminal (streaming, /adapter to switch)"),
+    "serve": ("pipelines.serve", "OpenAI-compatible HTTP server on 127.0.0.1 (llama-server, or vLLM on CUDA)"),
 }
 
 
@@ -38,9 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in {**STAGES, "check-params": ("", "validate params.yaml and print it")}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # the command's own parser reads the rest
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.stage not in COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.stage in COMMANDS:
+            module = importlib.import_module(COMMANDS[args.stage][0])
+            options = module.parser().parse_args(rest)
+            return module.command(options, load_params(options.params))
         params = load_params(args.params)
         if args.stage == "check-params":
             from pipelines.preflight import preflight

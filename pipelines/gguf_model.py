@@ -136,7 +136,7 @@ def modelfile(gguf_name: str, family: TemplateFamily) -> str:
                   "# Ollama's Go templates. Ollama then uses the template it recognises from the GGUF's",
                   "# tokenizer.chat_template metadata, or sends prompts verbatim; write a TEMPLATE by hand if needed."]
     lines += [f'PARAMETER stop "{stop}"' for stop in family.stops]
-    lines.append("PARAMETER temperature 0  # greedy, as the pipeline's evaluation and checks decode")
+    lines += ["# greedy decoding, as the pipeline's evaluation and checks decode", "PARAMETER temperature 0"]
     return "\n".join(lines) + "\n"
 
 

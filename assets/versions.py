@@ -26,6 +26,7 @@ from pipelines import runcard
 from pipelines.config import Params
 from pipelines.ingest import READERS
 from pipelines.io import file_state, settled, sha256_file, sha256_tree
+from pipelines.stages import BY_ASSET, PACKAGE_ROOT, Stage
 
 # Exactly the files the ingest stage reads: anything else in data/raw (a README, .gitkeep, an editor's
 # hidden swap file) is not data, so it neither changes the raw data version nor triggers the sensor.
@@ -175,22 +176,28 @@ _RUN_RECORDS = {
 
 
 def versioned_files(asset: str, params: Params) -> list[Path]:
-    """The files whose content is the DataVersion of `asset`."""
-    p = params.path
-    if asset == "raw_examples":
-        return [p("raw_examples") / "examples.jsonl"]
-    if asset == "cleaned_examples":
-        return [p("cleaned") / "examples.jsonl"]
-    if asset == "formatted_dataset":
-        return [p("formatted") / "dataset.jsonl"]
-    if asset == "dataset_splits":
-        return [p("splits") / f"{name}.jsonl" for name in ("train", "validation", "test")]
-    if asset == "evaluation_report":
-        return [p("metrics")]
-    folder = {"base_model": p("base_model"), "lora_adapter": p("adapter"), "promoted_adapter": p("promoted")}[asset]
-    if not folder.is_dir():
-        return [folder]
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in _RUN_RECORDS)
+    """The files whose content is the DataVersion of `asset` (its stage's `versioned` files, or every file of
+    its outputs except run records)."""
+    stage = BY_ASSET[asset]
+    if stage.versioned:
+        return [params.path(key) / name if name else params.path(key) for key, name in stage.versioned]
+    files: list[Path] = []
+    for key in stage.outputs:
+        folder = params.path(key)
+        if not folder.is_dir():
+            files.append(folder)
+            continue
+        files += sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in _RUN_RECORDS)
+    return files
+
+
+def stage_code_version(stage: Stage) -> str:
+    """Short hash of a stage's code and data files, the same files dvc.yaml lists as its deps."""
+    h = hashlib.sha256()
+    for rel in stage.code_files():
+        h.update(rel.encode())
+        h.update((PACKAGE_ROOT / rel).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def raw_version(params: Params) -> str:

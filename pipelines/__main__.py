@@ -3,9 +3,11 @@
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
     python -m pipelines check-params               # validate params.yaml and print it resolved
+    python -m pipelines dvc-yaml [--check]         # write (or compare) dvc.yaml from pipelines/stages.py
 
-User errors (bad params, missing inputs, unreadable data) print one sentence and exit with status 2;
-no traceback. Anything else is a bug and keeps its traceback.
+The stages and their order come from the stage manifest (pipelines/stages.py). User errors (bad params,
+missing inputs, unreadable data: pipelines.errors.UserError) print one sentence and exit with status 2; no
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,31 +18,30 @@ import json
 import logging
 import sys
 
-from pipelines.config import ConfigError, load_params
-from pipelines.io import StageError
+from pipelines.errors import UserError
+from pipelines.stages import STAGES
 
-# stage name (a verb, as in dvc.yaml) -> module exposing run(params) -> StageResult
-STAGES: dict[str, tuple[str, str]] = {
-    "fetch-model": ("pipelines.base_model", "materialise the base model as a plain HF folder"),
-    "ingest": ("pipelines.ingest", "read data/raw/ and normalise every row to one conversation schema"),
-    "clean": ("pipelines.clean", "normalise, redact PII, drop exact and near duplicates"),
-    "format": ("pipelines.format", "render with the chat template, count tokens, apply the length policy"),
-    "split": ("pipelines.split", "deterministic train/validation/test split without leakage"),
-    "train": ("pipelines.train", "fine-tune the adapter with TRL SFTTrainer + peft"),
-    "evaluate": ("pipelines.evaluate", "base vs fine-tuned on the test split; report + metrics"),
-    "promote": ("pipelines.promote", "copy the adapter to the promoted folder if it passed the gate"),
+# Commands that are not stages: name -> (help, module with main(argv) -> int, or None for check-params)
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "check-params": ("validate params.yaml against the base model and print it", None),
+    "dvc-yaml": ("write dvc.yaml from the stage manifest (pipelines/stages.py)", "pipelines.stages"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]][1]:  # a command with options of its own
+        return importlib.import_module(COMMANDS[argv[0]][1]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (_, help_text) in {**STAGES, "check-params": ("", "validate params.yaml and print it")}.items():
+    for name, help_text in [*((s.name, s.help) for s in STAGES), *((n, h) for n, (h, _) in COMMANDS.items())]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        from pipelines.config import load_params
+
         params = load_params(args.params)
         if args.stage == "check-params":
             from pipelines.preflight import preflight
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0
-        module = importlib.import_module(STAGES[args.stage][0])
-        result = module.run(params)
-    except (ConfigError, StageError) as exc:
+        stage = next(s for s in STAGES if s.name == args.stage)
+        result = importlib.import_module(stage.module).run(params)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())

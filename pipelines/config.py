@@ -16,9 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A user error in params.yaml: the message is one sentence naming the key, value and fix."""
+from pipelines.errors import ConfigError
 
 
 class _Section(BaseModel):

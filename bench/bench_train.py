@@ -101,7 +101,8 @@ def run_ours(conversations: list[list[dict[str, str]]], params: Any, env: Any, s
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer
 
-    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, step_timer, to_dataset
+    from pipelines.checkpoints import step_timer
+    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, to_dataset
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -130,7 +131,8 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    from pipelines.train import peft_config, step_timer
+    from pipelines.checkpoints import step_timer
+    from pipelines.train import peft_config
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -175,7 +177,7 @@ def main() -> int:
     import torch
 
     from pipelines.config import load_params
-    from pipelines.train import TrainEnv
+    from pipelines.train_env import TrainEnv
 
     torch.set_num_threads(args.threads)
     params = load_params(REPO / "params.yaml")

@@ -132,7 +132,8 @@ STAGES: tuple[Stage, ...] = (
         "the train split; per-step losses stream to the run log.",
         params=("train", "format.max_length", "model.trust_remote_code"), inputs=("splits", "base_model"),
         outputs=("adapter",), scratch=("checkpoints",),
-        code=("pipelines.chat", "pipelines.runcard", "pipelines.preflight"), kinds=("pytorch", "huggingface"),
+        code=("pipelines.chat", "pipelines.cpu_speedups", "pipelines.checkpoints", "pipelines.runcard",
+              "pipelines.preflight"), kinds=("pytorch", "huggingface"),
         rebuild_on=("dataset_splits",), uses_trainer=True,
     ),
     Stage(

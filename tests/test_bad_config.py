@@ -196,18 +196,18 @@ def test_preflight_without_a_model_folder_leaves_it_to_the_stage(tmp_path):
 
 
 def test_preflight_refuses_qlora_where_4bit_kernels_are_missing(model_params, monkeypatch):
-    import pipelines.train
+    import pipelines.train_env
 
-    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: "RuntimeError: no 4-bit backend")
+    monkeypatch.setattr(pipelines.train_env, "four_bit_unsupported", lambda device: "RuntimeError: no 4-bit backend")
     with pytest.raises(ConfigError, match=r"train.method = 'qlora' needs 4-bit bitsandbytes kernels") as err:
         preflight(model_params({"train": {"method": "qlora"}}), "train")
     assert "\n" not in str(err.value)
 
 
 def test_preflight_allows_qlora_where_4bit_kernels_run(model_params, monkeypatch):
-    import pipelines.train
+    import pipelines.train_env
 
-    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: None)
+    monkeypatch.setattr(pipelines.train_env, "four_bit_unsupported", lambda device: None)
     assert preflight(model_params({"train": {"method": "qlora"}}), "train") is None
 
 

@@ -136,3 +136,30 @@ def test_each_stage_reads_only_declared_params(lifecycle_project: Path) -> None:
 def test_asset_names_are_unique_nouns() -> None:
     assert len(BY_ASSET) == len(STAGES)
     assert all(not s.asset.startswith(("run", "make", "do_")) for s in STAGES)
+
+
+def test_a_preflight_error_fails_the_asset_with_its_sentence(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A bad train.lora.target_modules (a ConfigError raised by the preflight) is translated at the asset boundary
+    into a Dagster Failure carrying the one sentence, as the command line prints it, not a raised ConfigError."""
+    import subprocess
+    import sys
+
+    from assets.training import lora_adapter
+    from resources.project import ProjectResource
+    from resources.trainer import TrainerResource
+
+    overrides = tiny_overrides(tiny_model_dir)
+    overrides["paths"] = {"base_model": str(tiny_model_dir)}
+    overrides["train"] = {**overrides["train"], "lora": {"target_modules": ["q_projj"]}}
+    params_file = write_project(tmp_path, overrides)
+    result = dg.materialize([lora_adapter], raise_on_error=False, resources={
+        "project": ProjectResource(params_file=str(params_file)), "trainer": TrainerResource(device="cpu")})
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    error = failure.step_failure_data.error
+    assert error.cls_name == "Failure", error.cls_name  # not ConfigError: no user-code traceback
+    sentence = failure.step_failure_data.user_failure_data.description
+    assert "train.lora.target_modules has 'q_projj'" in sentence and "\n" not in sentence
+    cli = subprocess.run([sys.executable, "-m", "pipelines", "train", "--params", str(params_file)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and cli.stderr.strip() == f"error: {sentence}" and "Traceback" not in cli.stderr

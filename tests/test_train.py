@@ -24,7 +24,7 @@ from pipelines.io import StageError, read_json
 from pipelines.stages import BY_NAME
 from pipelines.train import CountingCollator, encode_example, encode_split, to_dataset
 from pipelines.train_env import TrainEnv
-from tests.conftest import REPO
+from tests.conftest import REPO, skip_for_hardware
 
 CPU = TrainEnv.resolve(device="cpu", num_threads=1)
 
@@ -339,7 +339,7 @@ def test_missing_splits_name_the_stage(tmp_path, tiny_model_dir):
 def test_qlora_trains_on_a_4bit_base(tmp_path, tiny_model_dir):
     reason = train_env.four_bit_unsupported("cpu")
     if reason:
-        pytest.skip(f"bitsandbytes cannot quantise to 4-bit on this CPU: {reason}")
+        skip_for_hardware(f"bitsandbytes cannot quantise to 4-bit on this CPU: {reason}")
     params = load_params(make_project(tmp_path, tiny_model_dir, {"method": "qlora", "max_steps": 3}))
     model = train.load_model(params.path("base_model"), params.train, CPU)
     assert model.is_loaded_in_4bit and model.config.quantization_config.bnb_4bit_quant_type == "nf4"

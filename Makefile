@@ -37,8 +37,11 @@ $(DVCENV)/.installed: constraints-dvc.txt
 $(DAGSTER_HOME)/dagster.yaml: resources/dagster.yaml
 	mkdir -p $(DAGSTER_HOME) && cp resources/dagster.yaml $@
 
+# dvc repro runs what is stale; assets.sync then shows what it made in the Dagster UI (materialisations with their
+# metadata, and their checks), as the dvc_sync_sensor would on its next tick while the UI runs.
 pipeline: setup
 	dvc repro
+	$(VENV)/bin/python -m assets.sync
 
 # The browser test of the UI needs Debian's Chromium (Playwright drives it; no browser download). As root it is
 # installed here; otherwise this says in one line what to install. PIPELINES_STRICT_SKIPS=1 turns a test that

@@ -44,6 +44,9 @@ def report(params_file: Path, peak: float | None) -> None:
         print("no train_metrics.json: training failed (see the stage log)")
         return
     m = json.loads((adapter / "train_metrics.json").read_text())
+    record = adapter / ".run.json"  # timings and memory are in the run record, not in the adapter's files
+    if record.is_file():
+        m.update(json.loads(record.read_text()).get("metrics", {}))
     n = m.get("total_params") or 0
     flops_per_token = (6 if m.get("method") == "full" else 4) * n
     tok_s = m.get("tokens_per_s") or 0.0

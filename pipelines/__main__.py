@@ -17,9 +17,12 @@ import importlib
 import json
 import logging
 import sys
+import time
 
+from pipelines.config import Params
 from pipelines.errors import UserError
-from pipelines.stages import STAGES
+from pipelines.io import StageResult
+from pipelines.stages import STAGES, Stage
 
 # Commands that are not stages: name -> (help, module with main(argv) -> int, or None for check-params)
 COMMANDS: dict[str, tuple[str, str | None]] = {
@@ -50,12 +53,25 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0
         stage = next(s for s in STAGES if s.name == args.stage)
-        result = importlib.import_module(stage.module).run(params)
+        result = run_and_record(stage, params)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0
+
+
+def run_and_record(stage: Stage, params: Params) -> StageResult:
+    """Run `stage` and write its run record (pipelines.records), so the Dagster door sees this run too."""
+    from pipelines import records
+    from pipelines.versions import stage_card
+
+    card = stage_card(params, stage)  # the inputs as they are before the stage runs
+    started = time.perf_counter()
+    result = importlib.import_module(stage.module).run(params)
+    result.metrics.setdefault("wall_time_s", round(time.perf_counter() - started, 2))
+    records.write(stage, params, result, card, door="cli")
+    return result
 
 
 if __name__ == "__main__":

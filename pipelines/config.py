@@ -241,6 +241,8 @@ class Params(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # Folder paths are relative to; set by load_params, not read from the file.
     root: Path = Field(default=Path("."), exclude=True)
+    # The file these params were read from (None when built in code); set by load_params, not read from the file.
+    file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("root", mode="before")
     @classmethod
@@ -283,7 +285,7 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
         for part in parent:
             field = section.model_fields.get(str(part))
             section = field.annotation if field and isinstance(field.annotation, type) else section
-        allowed = ", ".join(k for k in section.model_fields if k != "root")
+        allowed = ", ".join(k for k in section.model_fields if k not in ("root", "file"))
         return f"unknown key '{loc}'; allowed keys here: {allowed}"
     key, value = _key_of(tuple(error["loc"]), raw)
     loc = ".".join(str(p) for p in key)
@@ -331,7 +333,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        return Params.model_validate({**raw, "root": path.resolve().parent})
+        return Params.model_validate({**raw, "root": path.resolve().parent, "file": path.resolve()})
     except ValidationError as exc:
         problems = _problems(exc, raw)
         raise ConfigError(f"{path}: {problems}") from None

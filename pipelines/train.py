@@ -42,6 +42,20 @@ log = logging.getLogger(__name__)
 
 OnLog = launcher.OnLog
 EVAL_TAG = "is_eval"  # column that tells the counting collator a validation row from a train row
+# Figures that differ between two runs of the same training (time, memory). They go to the stage's metrics (the run
+# record and the Dagster metadata) but never into the adapter folder: the same data, params and code must give
+# the same adapter bytes, or a rerun would make everything downstream of the adapter look changed.
+TIMINGS = ("train_wall_time_s", "step_time_s", "tokens_per_s", "stage_wall_time_s", "peak_rss_mb", "peak_gpu_mb")
+TIMING_LOG_SUFFIXES = ("_runtime", "_per_second")  # trainer log keys such as train_runtime, eval_samples_per_second
+FULL_METRICS = "final_metrics.json"  # in the run's checkpoint folder: every figure, for a launching process
+
+
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+def log_without_timings(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in entry.items() if not k.endswith(TIMING_LOG_SUFFIXES)} for entry in log_history]
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -396,7 +410,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "params": cfg.model_dump(mode="json"),
         "env": {**env.as_dict(), "num_processes": world_size},
         "versions": library_versions(),
-        "metrics": metrics,
+        "metrics": without_timings(metrics),
     }
     out = params.path("adapter")
     with atomic_dir(out) as tmp:
@@ -405,10 +419,11 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
                 shutil.move(str(item), tmp / item.name)
         (tmp / "README.md").write_text(render_run_card(card), encoding="utf-8")
-        write_json(tmp / "train_log.json", state.log_history)
-        write_json(tmp / "train_metrics.json", metrics)
+        write_json(tmp / "train_log.json", log_without_timings(state.log_history))
+        write_json(tmp / "train_metrics.json", without_timings(metrics))
         plot_loss(curve, tmp / "loss_curve.png")
     shutil.rmtree(staging, ignore_errors=True)
+    write_json(run_dir / FULL_METRICS, metrics)  # read back by a launching process (pipelines.launcher)
     return StageResult(
         "train",
         {"adapter": out, "loss_curve": out / "loss_curve.png", "checkpoints": run_dir},
@@ -424,7 +439,8 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
     if env.launcher == "accelerate" and env.num_processes > 1 and not launcher.inside_launcher():
         launcher.launch_accelerate(params, env, on_log, stage="train")
         out = params.path("adapter")
+        full = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"] / FULL_METRICS
         return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png"},
-                           {**read_json(out / "train_metrics.json"),
+                           {**read_json(full if full.is_file() else out / "train_metrics.json"),
                             "loss_curve": loss_curve(read_json(out / "train_log.json"))})
     return train_in_process(params, env, on_log)

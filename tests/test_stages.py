@@ -97,7 +97,7 @@ class Recorder:
             seen.add(self._prefix or "<all>")
             return getattr(obj, name)
         value = getattr(obj, name)
-        if name in ("root", "model_fields", "model_config") or name.startswith("__"):
+        if name in ("root", "file", "model_fields", "model_config") or name.startswith("__"):
             return value
         if isinstance(value, BaseModel):
             return Recorder(value, self._key(name), seen)

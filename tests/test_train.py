@@ -287,7 +287,11 @@ def test_loss_goes_down_and_outputs_are_complete(tmp_path, tiny_model_dir):
     evals = [h["eval_loss"] for h in read_json(out / "train_log.json") if "eval_loss" in h]
     assert m["steps"] == 24 and m["final_eval_loss"] < evals[0]
     assert 0 < m["padding_efficiency"] <= 1 and m["tokens_seen"] <= m["token_slots"]
-    assert m["trained_tokens"] < m["tokens_seen"] and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert m["trained_tokens"] < m["tokens_seen"]
+    timings = {k: result.metrics[k] for k in train.TIMINGS if k in result.metrics}
+    assert timings["tokens_per_s"] > 0 and timings["peak_rss_mb"] > 0 and timings["step_time_s"] > 0
+    assert not set(timings) & set(m), "timings must stay out of the adapter folder (the same run, the same bytes)"
+    assert not [k for entry in read_json(out / "train_log.json") for k in entry if k.endswith("_runtime")]
     assert 0 < m["trainable_params"] < m["total_params"]
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "train_log.json",
@@ -541,3 +545,17 @@ def test_the_environment_is_declared_once():
         assert TrainerResource.model_fields[f.name].default == f.default
     assert set(TrainEnv.resolve(device="cpu").environ()) == {ENV_PREFIX + f.var for f in FIELDS}
     assert markdown_table() in (REPO / "README.md").read_text(), "README's trainer table differs from FIELDS"
+
+
+def test_the_same_training_gives_the_same_adapter_bytes(tmp_path, tiny_model_dir):
+    """Timings live in the run record and the stage metrics, not in the adapter folder: a rerun of the same
+    training (a second door, a fresh checkpoint folder) writes byte-identical files, so nothing downstream of the
+    adapter looks changed to DVC or Dagster."""
+    from pipelines.io import sha256_tree
+
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2, "eval_steps": 1, "save_steps": 1}))
+    train.run(params, CPU)
+    first = sha256_tree(params.path("adapter"))
+    shutil.rmtree(params.path("checkpoints"))  # no resume: train again from scratch
+    train.run(params, CPU)
+    assert sha256_tree(params.path("adapter")) == first

@@ -11,8 +11,9 @@ Around it: pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the
 pipelines.launcher (`accelerate launch` and its log protocol), pipelines.fence (the library internals those use).
 
 Data: each row of splits/{train,validation}.jsonl is tokenised by `pipelines.chat.tokenize_conversation`, the
-one source of truth for the chat template and the loss mask: labels are the token ids on every assistant turn
-(its end-of-turn token included, so the model learns to stop) and -100 elsewhere. SFTTrainer receives this
+one source of truth for the chat template and the loss mask: labels are the token ids on every trained assistant
+turn (its end-of-turn token included, so the model learns to stop) and -100 elsewhere, including on an assistant
+turn marked `"weight": 0`; special-token text inside a message is encoded as plain text. SFTTrainer receives this
 pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-renders, re-masks, nor adds or
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
 and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import checkpoints, cpu_speedups, fence, launcher, train_env
+from pipelines import chat, checkpoints, cpu_speedups, fence, launcher, train_env
 from pipelines.base_model import source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
@@ -70,7 +71,7 @@ class EncodedSplit:
 
 
 def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """input_ids and labels (-100 off the assistant turns) of one row; overlong rows keep their end (the answer)."""
+    """input_ids and labels (-100 off the trained assistant turns) of one row; overlong rows keep their end."""
     tok = tokenize_conversation(tokenizer, row["messages"], tools=row.get("tools"))
     ids = tok.input_ids
     labels = [t if m else -100 for t, m in zip(ids, tok.assistant_mask, strict=True)]
@@ -88,7 +89,7 @@ def encode_split(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, wh
     for line, row in enumerate(rows, start=1):
         try:
             example, truncated = encode_example(tokenizer, row, max_length)
-        except (TemplateError, KeyError, ValueError, TypeError) as exc:
+        except (TemplateError, *chat.RENDER_ERRORS) as exc:
             raise StageError(f"{where} line {line}: the row cannot be tokenised with the chat template ({exc}); "
                              "rerun the format stage with this base model") from None
         n_labels = sum(label != -100 for label in example["labels"])

@@ -145,3 +145,32 @@ def pytest_runtest_makereport(item, call):
         return
     report.outcome = "failed"
     report.longrepr = f"skipped for a missing dependency, which `make test` must set up: {reason}"
+
+
+# ---------------------------------------------------------------------------------- the real base model
+SMOLLM2_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-factory" / "smollm2-base"
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder: the project's data/base_model when it has been fetched, else
+    converted once per machine (the fetch-model stage, ~20 s) into SMOLLM2_CACHE and reused by later runs."""
+    import fcntl
+
+    from pipelines import base_model
+    from pipelines.config import load_params
+
+    if (REPO / "data" / "base_model" / "model.safetensors").is_file():
+        return REPO / "data" / "base_model"
+    folder = SMOLLM2_CACHE / "model"
+    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(SMOLLM2_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion at a time (parallel pytest sessions)
+        if not (folder / "model.safetensors").is_file():
+            params_file = write_project(SMOLLM2_CACHE / "project", {"paths": {"base_model": str(folder)}})
+            base_model.run(load_params(params_file))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return smollm2_folder()

@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup llama-cpp pipeline test test-fast ui lint clean-venv
+.PHONY: setup llama-cpp pipeline test test-fast ui lint clean-venv chromium
 
 # Project venv: torch first (the CPU build), then the project pinned by constraints.txt.
 # DVC lives in its own venv (.venv-dvc): it pins antlr4-python3-runtime 4.9 through hydra, while
@@ -44,11 +44,23 @@ $(DVCENV)/.installed: constraints-dvc.txt
 $(DAGSTER_HOME)/dagster.yaml: resources/dagster.yaml
 	mkdir -p $(DAGSTER_HOME) && cp resources/dagster.yaml $@
 
+# dvc repro runs what is stale; assets.sync then shows what it made in the Dagster UI (materialisations with their
+# metadata, and their checks), as the dvc_sync_sensor would on its next tick while the UI runs.
 pipeline: setup
 	dvc repro
+	$(VENV)/bin/python -m assets.sync
 
-test: setup
-	$(VENV)/bin/python -m pytest
+# The browser test of the UI needs Debian's Chromium (Playwright drives it; no browser download). As root it is
+# installed here; otherwise this says in one line what to install. PIPELINES_STRICT_SKIPS=1 turns a test that
+# skips for a missing dependency into a failure (tests/conftest.py), so nothing is skipped in silence.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs Debian's Chromium for the UI test: run 'sudo apt-get install chromium' first" >&2; exit 2; fi; }
+
+test: setup chromium
+	PIPELINES_STRICT_SKIPS=1 $(VENV)/bin/python -m pytest
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow and not browser"

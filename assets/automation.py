@@ -29,7 +29,9 @@ import json
 import dagster as dg
 from dagster import SensorEvaluationContext
 
+from assets.sync import check_keys, materialization, pending, raw_observation
 from assets.versions import combined_hash, raw_file_states
+from pipelines.stages import upstream_assets
 from resources.project import ProjectResource
 
 DATA_ASSETS = ("raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits")
@@ -152,3 +154,35 @@ def raw_data_sensor(context: SensorEvaluationContext, project: ProjectResource) 
                                     tags={"raw_data/changes": summary[:200], "raw_data/version": version[:16]})],
         cursor=json.dumps({"files": files, "runs": runs}),
     )
+
+
+checks_job = dg.define_asset_job(
+    "checks_job",
+    selection=dg.AssetSelection.all_asset_checks(),
+    description="Evaluate asset checks only (dvc_sync_sensor requests it for outputs `dvc repro` made).",
+    executor_def=dg.in_process_executor,
+)
+
+
+@dg.sensor(
+    name="dvc_sync_sensor",
+    job=checks_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Shows in Dagster what `dvc repro` (or `python -m pipelines <stage>`) made: each output whose run "
+    "record is current but unseen is reported as a materialisation with the same metadata a run gives, then its "
+    "checks run (assets/sync.py).",
+)
+def dvc_sync_sensor(context: SensorEvaluationContext, project: ProjectResource) -> dg.SensorResult:
+    params = project.params()
+    found = pending(context.instance, params)
+    if not found:
+        return dg.SensorResult(skip_reason="every output made outside Dagster is already shown")
+    events: list = [raw_observation(params)] if any("raw_files" in upstream_assets(s) for s, _ in found) else []
+    events += [materialization(stage, record, params) for stage, record in found]
+    stages = [stage for stage, _ in found]
+    keys = check_keys(stages)
+    run_key = "dvc-sync-" + "-".join(f"{stage.asset}:{record['data_version'][:8]}" for stage, record in found)
+    context.log.info(f"reporting outputs made outside Dagster: {', '.join(stage.asset for stage in stages)}")
+    return dg.SensorResult(asset_events=events,
+                           run_requests=[dg.RunRequest(run_key=run_key[:250], asset_check_keys=keys)] if keys else [])

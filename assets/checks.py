@@ -25,9 +25,10 @@ from assets.evaluation import evaluation_report, promoted_adapter
 from assets.metadata import mapping_table, md_table
 from assets.stage import FORCE_TAG
 from assets.training import lora_adapter
-from assets.versions import RAW_SUFFIXES, code_version, content_hash, raw_file_hashes
+from assets.versions import HASH_CACHE, RAW_SUFFIXES, code_version, content_hash, raw_file_hashes
 from pipelines.config import Params
-from pipelines.io import chunked, read_json, read_jsonl, sha256_tree
+from pipelines.io import chunked, read_json, read_jsonl, sha256_tree, write_json
+from pipelines.records import RECORD
 from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
 from resources.project import ProjectResource
 
@@ -92,31 +93,54 @@ CHECK_CODE = code_version("assets.checks", "pipelines.schemas", "pipelines.dedup
 REUSED = "reused"
 
 
-def _fingerprint(context: dg.AssetCheckExecutionContext, params: Params, folder: str) -> str:
-    """What a data check's result is a function of: the check, its code, the params and the output folder's
-    bytes (every file in it; hashes of unchanged files come from the project's hash cache)."""
-    keys = sorted(spec.key.to_user_string() for spec in context.check_specs)
-    parts = [keys, CHECK_CODE, params.model_dump(mode="json"), content_hash([params.path(folder)], params.root)]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _fingerprint(context: dg.AssetCheckExecutionContext, params: Params, folder: str) -> tuple[str, str]:
+    """(check key, fingerprint): what a data check's result is a function of: the check, its code, the params and
+    the bytes of every file in the output folder but its run record (hashes of unchanged files come from the
+    project's hash cache)."""
+    (key,) = sorted(spec.key.to_user_string() for spec in context.check_specs)
+    root = params.path(folder)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.name != RECORD) if root.is_dir() else [root]
+    names = [f.relative_to(root).as_posix() if root.is_dir() else f.name for f in files]
+    parts = [key, CHECK_CODE, params.model_dump(mode="json"), names, content_hash(files, params.root)]
+    return key, hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _last_evaluation(context: dg.AssetCheckExecutionContext) -> tuple[str, Any] | None:
-    """(run id, AssetCheckEvaluation) of this check's latest completed evaluation, or None.
+def _passes_file(params: Params, key: str) -> Path:
+    """Where a check's last pass is kept: the project's cache, beside the file-hash cache (deleting it is safe)."""
+    return params.root / HASH_CACHE.parent / "checks" / (key.replace("/", "__") + ".json")
 
-    The check history is read through the event log storage, which Dagster does not document as public API:
-    if a release moves it, every check is simply evaluated (never a wrong reuse).
-    """
+
+def _last_pass(params: Params, key: str) -> dict[str, Any] | None:
     try:
-        from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
-
-        (key,) = (spec.key for spec in context.check_specs)
-        history = context.instance.event_log_storage.get_asset_check_execution_history(
-            key, limit=1, status={Status.SUCCEEDED, Status.FAILED})
-        record = history[0] if history else None
-        evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
-    except (ImportError, AttributeError, TypeError):
+        data = json.loads(_passes_file(params, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return (record.run_id, evaluation) if isinstance(evaluation, dg.AssetCheckEvaluation) else None
+    return data if isinstance(data, dict) and isinstance(data.get("metadata"), dict) else None
+
+
+def _keep_pass(params: Params, key: str, fingerprint: str, result: dg.AssetCheckResult, run_id: str) -> None:
+    """Remember a passed result with its fingerprint (plain JSON: each metadata entry as kind + value)."""
+    entries = {}
+    for name, value in result.metadata.items():
+        if isinstance(value, dg.MarkdownMetadataValue):
+            entries[name] = ["md", value.value]
+        elif isinstance(value, dg.JsonMetadataValue):
+            entries[name] = ["json", value.value]
+        elif isinstance(value, dg.MetadataValue):
+            entries[name] = ["text", str(value.value)]
+        else:
+            entries[name] = ["raw", value]
+    path = _passes_file(params, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"fingerprint": fingerprint, "run_id": run_id, "metadata": entries})
+    except (OSError, TypeError, ValueError):  # a read-only project, or a value JSON cannot hold: no reuse
+        return
+
+
+def _kept_metadata(entries: dict[str, Any]) -> dict[str, Any]:
+    kinds = {"md": dg.MetadataValue.md, "json": dg.MetadataValue.json, "text": dg.MetadataValue.text}
+    return {name: kinds[kind](value) if kind in kinds else value for name, (kind, value) in entries.items()}
 
 
 def reuse_or_check(context: dg.AssetCheckExecutionContext, params: Params, folder: str,
@@ -125,17 +149,22 @@ def reuse_or_check(context: dg.AssetCheckExecutionContext, params: Params, folde
 
     A warm re-run then re-reads no data file: on a 1M-row project the schema checks alone read and
     validate every row of five files. A failed result is never reused, and the run tag
-    pipelines/force=true (assets.stage.FORCE_TAG) re-evaluates every check.
+    pipelines/force=true (assets.stage.FORCE_TAG) re-evaluates every check. Passes are kept in the project's
+    .cache/checks/ (plain JSON), not read back from Dagster's event log, whose storage API is not public.
     """
-    fingerprint = _fingerprint(context, params, folder)
-    if context.run.tags.get(FORCE_TAG, "").lower() != "true" and (last := _last_evaluation(context)):
-        run_id, previous = last
-        if previous.passed and getattr(previous.metadata.get("fingerprint"), "value", None) == fingerprint:
-            note = f"files, params and check code unchanged since run {run_id[:8]}: not re-read"
-            metadata = {k: v for k, v in previous.metadata.items() if k != REUSED}
-            return dg.AssetCheckResult(passed=True, severity=previous.severity, metadata={**metadata, REUSED: note})
+    key, fingerprint = _fingerprint(context, params, folder)
+    if context.run.tags.get(FORCE_TAG, "").lower() != "true" and (last := _last_pass(params, key)):
+        if last.get("fingerprint") == fingerprint:
+            note = f"files, params and check code unchanged since run {str(last.get('run_id'))[:8]}: not re-read"
+            metadata = {k: v for k, v in _kept_metadata(last["metadata"]).items() if k != REUSED}
+            return dg.AssetCheckResult(passed=True, metadata={**metadata, REUSED: note})
     result = evaluate()
-    return result.with_metadata({**result.metadata, "fingerprint": fingerprint})
+    result = result.with_metadata({**result.metadata, "fingerprint": fingerprint})
+    if result.passed:
+        _keep_pass(params, key, fingerprint, result, context.run.run_id)
+    else:
+        _passes_file(params, key).unlink(missing_ok=True)
+    return result
 
 
 def _missing(path: Path, stage: str) -> dg.AssetCheckResult:

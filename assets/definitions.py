@@ -16,7 +16,15 @@ import os
 
 import dagster as dg
 
-from assets.automation import data_job, lifecycle_job, raw_data_sensor, retrain_sensor, weekly_retrain
+from assets.automation import (
+    checks_job,
+    data_job,
+    dvc_sync_sensor,
+    lifecycle_job,
+    raw_data_sensor,
+    retrain_sensor,
+    weekly_retrain,
+)
 from assets.checks import CHECKS
 from assets.data import DATA_ASSETS
 from assets.evaluation import EVALUATION_ASSETS
@@ -32,8 +40,8 @@ STEP_EXECUTOR = dg.multiprocess_executor.configured({"start_method": {"forkserve
 defs = dg.Definitions(
     assets=[*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS],
     asset_checks=CHECKS,
-    jobs=[data_job, lifecycle_job],
-    sensors=[raw_data_sensor, retrain_sensor],
+    jobs=[data_job, lifecycle_job, checks_job],
+    sensors=[raw_data_sensor, retrain_sensor, dvc_sync_sensor],
     schedules=[weekly_retrain],
     executor=STEP_EXECUTOR,
     # PIPELINES_PARAMS points the UI at another params file (e.g. an experiment); default ./params.yaml

@@ -8,9 +8,9 @@ Model: the real base model at paths.base_model (SmolLM2-135M-Instruct, made by
 When it is missing, a tiny random 2-layer Llama (the test suite's) is built under bench/out/ and used
 instead, with a warning: its figures say little about the real model.
 
-Prompts: the first `--prompts` rows of the test split (paths.splits/test.jsonl), rendered exactly as
-the evaluate stage renders them (pipelines.evaluate.build_examples: the chat template up to the last
-assistant turn); the probe set shipped with the package stands in when the split is missing.
+Prompts: the first `--prompts` rows of the test split (paths.splits/test.jsonl), as token ids exactly as
+the evaluate stage builds them (pipelines.evaluate.build_examples -> pipelines.chat.tokenize_prompt: the
+chat template up to the last trained assistant turn); the probe set stands in when the split is missing.
 
 Both arms call the same function, generate_ids (greedy, left padding, cut at the first stop token) with
 evaluate.max_new_tokens: "batched" with `--batch-size` (default evaluate.batch_size from params.yaml),
@@ -111,8 +111,8 @@ def main() -> None:
         print(f"WARNING: no test split at '{test_path}' (run `.venv/bin/python -m pipelines split`); "
               "using the shipped probe set instead")
         rows, source = load_probe(), "the probe set"
-    prompts = [e.prompt for e in build_examples(rows[: args.prompts], tokenizer)]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    prompts = [e.prompt_ids for e in build_examples(rows[: args.prompts], tokenizer)]
+    lengths = [len(p) for p in prompts]
     print(f"model: {model_dir}  prompts: {len(prompts)} from {source} (prompt tokens: min {min(lengths)}, "
           f"median {statistics.median(lengths):.0f}, max {max(lengths)})  batch size: {batch_size}  "
           f"max_new_tokens: {max_new}")

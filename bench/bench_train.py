@@ -14,9 +14,9 @@ these rows, one pass:
     ours     the train stage's own pieces: pipelines.train.encode_example (chat template, loss on the assistant
              turn only, trailing template tokens dropped), build_trainer (TRL SFTTrainer, length-grouped
              batches padded to their longest row, TRL's fused LM head that projects only the label positions)
-    classic  the recipe of most fine-tuning tutorials: the chat-rendered text tokenised with
-             padding="max_length", max_length=512, labels = input_ids (pads -100), a plain transformers
-             Trainer on peft's get_peft_model, default collator
+    classic  the recipe of most fine-tuning tutorials: the chat-rendered conversation (the same token ids,
+             from pipelines.chat.tokenize_conversation) padded to max_length=512, labels = input_ids (pads
+             -100), a plain transformers Trainer on peft's get_peft_model, default collator
 
 Per arm and round: seconds inside optimizer steps (forward, backward, update; the data loader is outside),
 real (non-pad) tokens and computed token slots of the batches. The arms alternate (ours first in odd rounds,
@@ -101,7 +101,8 @@ def run_ours(conversations: list[list[dict[str, str]]], params: Any, env: Any, s
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer
 
-    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, step_timer, to_dataset
+    from pipelines.checkpoints import step_timer
+    from pipelines.train import EncodedSplit, build_trainer, encode_example, load_model, to_dataset
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -130,18 +131,21 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    from pipelines.train import peft_config, step_timer
+    from pipelines.chat import tokenize_conversation
+    from pipelines.checkpoints import step_timer
+    from pipelines.train import peft_config
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    enc = tokenizer(texts, padding="max_length", max_length=CLASSIC_MAX_LENGTH, truncation=True)
+    # The tokens both arms see come from pipelines.chat; only the padding (to max_length) is the recipe's.
+    rows = [tokenize_conversation(tokenizer, c).input_ids[:CLASSIC_MAX_LENGTH] for c in conversations]
+    input_ids = [ids + [tokenizer.pad_token_id] * (CLASSIC_MAX_LENGTH - len(ids)) for ids in rows]
+    attention = [[1] * len(ids) + [0] * (CLASSIC_MAX_LENGTH - len(ids)) for ids in rows]
     labels = [[t if m else -100 for t, m in zip(ids, mask, strict=True)]
-              for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                                 "labels": labels})
+              for ids, mask in zip(input_ids, attention, strict=True)]
+    dataset = Dataset.from_dict({"input_ids": input_ids, "attention_mask": attention, "labels": labels})
     counts = [0, 0]
 
     def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,7 +179,7 @@ def main() -> int:
     import torch
 
     from pipelines.config import load_params
-    from pipelines.train import TrainEnv
+    from pipelines.train_env import TrainEnv
 
     torch.set_num_threads(args.threads)
     params = load_params(REPO / "params.yaml")

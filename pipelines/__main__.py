@@ -3,11 +3,13 @@
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
     python -m pipelines check-params               # validate params.yaml and print it resolved
-    python -m pipelines chat [--adapter promoted]  # talk to the model in the terminal (not a DVC stage)
-    python -m pipelines serve                      # OpenAI-compatible server on 127.0.0.1 (not a DVC stage)
+    python -m pipelines dvc-yaml [--check]         # write (or compare) dvc.yaml from pipelines/stages.py
+    python -m pipelines chat [--adapter promoted]  # talk to the model in the terminal
+    python -m pipelines serve [--gguf f16]         # OpenAI-compatible server on 127.0.0.1
 
-User errors (bad params, missing inputs, unreadable data) print one sentence and exit with status 2;
-no traceback. Anything else is a bug and keeps its traceback.
+The stages and their order come from the stage manifest (pipelines/stages.py). User errors (bad params,
+missing inputs, unreadable data: pipelines.errors.UserError) print one sentence and exit with status 2; no
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,49 +19,36 @@ import importlib
 import json
 import logging
 import sys
+import time
 
-from pipelines.config import ConfigError, load_params
-from pipelines.io import StageError
+from pipelines.config import Params
+from pipelines.errors import UserError
+from pipelines.io import StageResult
+from pipelines.stages import STAGES, Stage
 
-# stage name (a verb, as in dvc.yaml) -> module exposing run(params) -> StageResult
-STAGES: dict[str, tuple[str, str]] = {
-    "fetch-model": ("pipelines.base_model", "materialise the base model as a plain HF folder"),
-    "ingest": ("pipelines.ingest", "read data/raw/ and normalise every row to one conversation schema"),
-    "clean": ("pipelines.clean", "normalise, redact PII, drop exact and near duplicates"),
-    "format": ("pipelines.format", "render with the chat template, count tokens, apply the length policy"),
-    "split": ("pipelines.split", "deterministic train/validation/test split without leakage"),
-    "train": ("pipelines.train", "fine-tune the adapter with TRL SFTTrainer + peft"),
-    "evaluate": ("pipelines.evaluate", "base vs fine-tuned on the test split; report + metrics"),
-    "promote": ("pipelines.promote", "copy the adapter to the promoted folder if it passed the gate"),
-    "merge": ("pipelines.merged_model", "merge the promoted adapter into the base; check it reproduces base+adapter"),
-    "export-gguf": ("pipelines.gguf_model", "convert the merged model to GGUF (llama.cpp) + Ollama Modelfile; check"),
-}
-
-# commands a user runs that are not DVC stages: module exposing parser() and command(args, params). Their
-# modules are imported only when chosen, so a stage's start-up does not pay for torch-heavy imports.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "chat": ("pipelines.terminal_chat", "chat with the model in the terminal (streaming, /adapter to switch)"),
-    "serve": ("pipelines.serve", "OpenAI-compatible HTTP server on 127.0.0.1 (llama-server, or vLLM on CUDA)"),
+# Commands that are not stages: name -> (help, module with main(argv) -> int, or None for check-params)
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "check-params": ("validate params.yaml against the base model and print it", None),
+    "dvc-yaml": ("write dvc.yaml from the stage manifest (pipelines/stages.py)", "pipelines.stages"),
+    "chat": ("chat with the model in the terminal (streaming; /adapter switches adapters)", "pipelines.terminal_chat"),
+    "serve": ("OpenAI-compatible HTTP server on 127.0.0.1 (llama-server, or vLLM on CUDA)", "pipelines.serve"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]][1]:  # a command with options of its own
+        return importlib.import_module(COMMANDS[argv[0]][1]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (_, help_text) in {**STAGES, "check-params": ("", "validate params.yaml and print it")}.items():
+    for name, help_text in [*((s.name, s.help) for s in STAGES), *((n, h) for n, (h, _) in COMMANDS.items())]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)  # the command's own parser reads the rest
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.stage not in COMMANDS:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.stage in COMMANDS:
-            module = importlib.import_module(COMMANDS[args.stage][0])
-            options = module.parser().parse_args(rest)
-            return module.command(options, load_params(options.params))
+        from pipelines.config import load_params
+
         params = load_params(args.params)
         if args.stage == "check-params":
             from pipelines.preflight import preflight
@@ -67,13 +56,26 @@ def main(argv: list[str] | None = None) -> int:
             preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0
-        module = importlib.import_module(STAGES[args.stage][0])
-        result = module.run(params)
-    except (ConfigError, StageError) as exc:
+        stage = next(s for s in STAGES if s.name == args.stage)
+        result = run_and_record(stage, params)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0
+
+
+def run_and_record(stage: Stage, params: Params) -> StageResult:
+    """Run `stage` and write its run record (pipelines.records), so the Dagster door sees this run too."""
+    from pipelines import records
+    from pipelines.versions import stage_card
+
+    card = stage_card(params, stage)  # the inputs as they are before the stage runs
+    started = time.perf_counter()
+    result = importlib.import_module(stage.module).run(params)
+    result.metrics.setdefault("wall_time_s", round(time.perf_counter() - started, 2))
+    records.write(stage, params, result, card, door="cli")
+    return result
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python -m pipelines evaluate [--params params.yaml]
 
-Both models see the same prompts (the chat template rendered up to the last assistant turn) and are
-scored on the same references (that turn's text). The base model is loaded once and wrapped with the
+Both models see the same prompts (the chat template rendered up to the last trained assistant turn, as
+token ids built by pipelines.chat.tokenize_prompt, the way training encodes them) and are scored on the
+same references (that turn's text). The base model is loaded once and wrapped with the
 adapter: base outputs come from `with model.disable_adapter():`, fine-tuned outputs with it enabled,
 so nothing but the adapter differs. Generation is batched and greedy (left padding, prompts sorted by
 length so a batch holds prompts of similar length). Completion loss is the mean NLL per answer token
@@ -36,11 +37,11 @@ import numpy as np
 from pandera.errors import SchemaErrors
 
 from pipelines import report
-from pipelines.chat import TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
+from pipelines.chat import RENDER_ERRORS, TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
 from pipelines.config import EvaluateConfig, Params
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
-from pipelines.schemas import SplitSchema, conversation_problem, validate
+from pipelines.schemas import SplitSchema, conversation_problem, trained, validate
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,26 @@ Which = Literal["base", "fine_tuned"]
 @dataclass
 class EvalExample:
     id: str
-    messages: list[dict[str, str]]  # the whole conversation, ending with the reference answer
+    messages: list[dict[str, Any]]  # the conversation up to and including the reference answer
     tools: str | None
-    prompt: str  # rendered with the chat template, ending with the assistant generation header
+    prompt: str  # rendered with the chat template, ending with the assistant generation header (for the report)
     reference: str
+    prompt_ids: list[int]  # the prompt as the model gets it (pipelines.chat.tokenize_prompt)
 
 
 def build_examples(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
-    """Prompt (template up to the last assistant turn) and reference (that turn's text) per row."""
+    """Prompt and reference per row: the reference is the last trained assistant turn (weight 1 or absent),
+    the prompt everything before it (pipelines.chat.tokenize_prompt: the same adaptations and encoding as
+    in training). Turns after the reference (weight-0 answers at the end) are not part of the example:
+    they were never trained on, and they would follow the answer being scored."""
     out = []
     for i, row in enumerate(rows):
         messages = row["messages"]
-        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        last = max(j for j, m in enumerate(messages) if trained(m))
+        prompt = tokenize_prompt(tokenizer, messages, tools=row.get("tools"))
         out.append(EvalExample(
-            id=str(row.get("id", i)), messages=messages[: last + 1], tools=row.get("tools"),
-            prompt=render_prompt(tokenizer, messages, tools=row.get("tools")), reference=messages[last]["content"],
+            id=str(row.get("id", i)), messages=messages[: last + 1], tools=row.get("tools"), prompt=prompt.text,
+            reference=messages[last]["content"], prompt_ids=prompt.input_ids,
         ))
     return out
 
@@ -204,7 +210,7 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
                                                   {"role": "assistant", "content": "ok"}], only_last=True)
         masked = [t for t, m in zip(probe.input_ids, probe.assistant_mask, strict=True) if m]
         ids += masked[-1:]
-    except (TemplateError, ValueError):
+    except (TemplateError, *RENDER_ERRORS):
         pass
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -212,14 +218,17 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
-                 desc: str = "generate") -> list[list[int]]:
-    """Greedy continuation token ids of `prompts` (input order), batched with left padding, cut
-    before the first stop token."""
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, batch_size: int,
+                 max_new_tokens: int, desc: str = "generate") -> list[list[int]]:
+    """Greedy continuation token ids of `prompts` (token ids from pipelines.chat.tokenize_prompt; input order),
+    batched with left padding, cut before the first stop token.
+
+    Prompts are ids, not strings: re-tokenising a rendered prompt would turn special-token text inside a
+    message (a user quoting `<|im_start|>`) into real control tokens."""
     import torch
     from transformers import GenerationConfig
 
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [list(p) for p in prompts]
     stops = stop_token_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -234,9 +243,9 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_si
     return outputs
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
              desc: str = "generate") -> list[str]:
-    """Greedy answers to `prompts` as text (special tokens dropped, surrounding whitespace stripped)."""
+    """Greedy answers to `prompts` (token ids) as text (special tokens dropped, surrounding whitespace stripped)."""
     ids = generate_ids(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
@@ -277,8 +286,9 @@ def completion_nll(model: Any, tokenizer: Any, conversations: Sequence[Tokenized
     return nll, counts
 
 
-def tokenize_for_loss(tokenizer: Any, conversations: Sequence[tuple[list[dict[str, str]], str | None]]
+def tokenize_for_loss(tokenizer: Any, conversations: Sequence[tuple[list[dict[str, Any]], str | None]]
                       ) -> list[TokenizedConversation]:
+    """Each conversation's tokens, masked on its last trained assistant turn (the reference answer)."""
     return [tokenize_conversation(tokenizer, m, tools=t, only_last=True) for m, t in conversations]
 
 
@@ -299,7 +309,7 @@ def _score_model(models: Models, which: Which, tokenizer: Any, examples: list[Ev
                  cfg: EvaluateConfig, seconds: dict[str, float]) -> tuple[ModelScores, tuple[list[float], list[int]]]:
     with models.use(which) as model:
         t0 = time.perf_counter()
-        predictions = generate(model, tokenizer, [e.prompt for e in examples], batch_size=cfg.batch_size,
+        predictions = generate(model, tokenizer, [e.prompt_ids for e in examples], batch_size=cfg.batch_size,
                                max_new_tokens=cfg.max_new_tokens, desc=f"generate {which}")
         t1 = time.perf_counter()
         nll, counts = completion_nll(model, tokenizer, test_tok, batch_size=cfg.batch_size, desc=f"loss {which}")

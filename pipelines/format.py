@@ -7,14 +7,29 @@ place that decides tokens and the assistant loss mask), and writes `formatted/`:
     dataset.jsonl     the row + n_tokens, n_completion_tokens, truncated (+ prompt, completion strings
                       when format.output == prompt_completion)
     quarantine.jsonl  rows that cannot be trained on (overlong, no completion tokens, template failure)
-    report.json       counts, token-length statistics and a histogram of n_tokens
+    report.json       counts, token-length statistics, a histogram of n_tokens, and "rendering": how many
+                      rows each rendering adaptation touched (below)
+
+Rendering (pipelines.chat, where each rule is documented): a row is rendered the way the base model's
+template can render it, and every adaptation is counted in report.json "rendering" (input rows kept):
+    untrained_tail_dropped     turns after the last trained assistant turn (weight 0) removed from the row
+    opening_assistant_dropped  an opening assistant greeting the template cannot render
+    system_merged              system text merged into the next user turn (template without a system role)
+    turns_merged               consecutive same-role turns joined (template demands strict alternation)
+    tools_in_system            tool schemas written into the system message (template ignores `tools`)
+    control_token_text         special-token text inside a message, encoded as plain text
+    history_expanded           a row the template renders with rewritten history (Qwen3, DeepSeek-R1
+                               reasoning) became one row per trained assistant turn (`expanded_rows`
+                               input rows; each new row has id `<id>-<k>` and `expanded_from`)
+A row the template refuses even so is quarantined with rule `template` and the template's own message.
 
 Rows longer than format.max_length are dropped (quarantined) or, with overlong: truncate, their prompt
 side is shortened: whole early exchanges go first, then the final user message loses text from its
 start. The final assistant answer and its end-of-turn token are never cut.
 
-n_completion_tokens counts the tokens the loss is computed on: every assistant turn for `messages`
-output, the last assistant turn only for `prompt_completion` output (what a completion-only loss sees).
+n_completion_tokens counts the tokens the loss is computed on: every trained assistant turn (weight 1 or
+absent; a weight-0 turn is context only) for `messages` output, the last trained assistant turn only for
+`prompt_completion` output (what a completion-only loss sees).
 
 Rows are streamed in chunks and tokenised by a pool of worker processes, so memory stays flat and a
 1M-row file uses every core.
@@ -40,15 +55,26 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandera.errors
 
-from pipelines.chat import Message, TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
+from pipelines.chat import (
+    CHANGES,
+    RENDER_ERRORS,
+    UNTRAINED_TAIL,
+    Message,
+    NotPrefixStable,
+    TemplateError,
+    TokenizedConversation,
+    encode_text,
+    expand_turns,
+    render_prompt,
+    tokenize_conversation,
+)
 from pipelines.config import FormatConfig, Params
 from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json
 from pipelines.preflight import preflight
-from pipelines.schemas import FormattedSchema, conversation_problem, validate
+from pipelines.schemas import FormattedSchema, conversation_problem, trained, validate
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +83,9 @@ CHUNK_ROWS = 1024  # rows per worker task: large enough to amortise IPC, small e
 HISTOGRAM_BINS = 16  # equal-width bins over [0, max_length] tokens, fixed so runs are comparable
 # Chat templates signal unrenderable conversations with these (raise_exception -> jinja2.TemplateError;
 # tools that are not JSON -> ValueError).
-_RENDER_ERRORS = (TemplateError, jinja2.TemplateError, ValueError)
+_RENDER_ERRORS = (TemplateError, *RENDER_ERRORS)
+HISTORY_EXPANDED = "history_expanded"  # rows of a history-rewriting template, one row per trained turn
+RENDERING_RULES = (*CHANGES, HISTORY_EXPANDED)  # the report's "rendering" keys: rows each adaptation touched
 
 
 @dataclass
@@ -68,6 +96,9 @@ class FormatResult:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     truncated: int = 0  # rows whose prompt side was shortened to fit max_length
     dropped: int = 0  # overlong rows quarantined (policy drop, or the answer alone does not fit)
+    rows_in: int = 0
+    rendering: Counter[str] = field(default_factory=Counter)  # input rows (kept) per adaptation, RENDERING_RULES
+    expanded: int = 0  # input rows expanded into one row per trained turn (history-rewriting template)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +187,7 @@ def _cut_final_user(tokenizer: Any, messages: list[Message], tc: TokenizedConver
         if excess <= 0:
             return messages, tc
         content = messages[u]["content"]
-        offsets = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        _, offsets = encode_text(tokenizer, content)  # the content's own tokens, special-token text as text
         if excess >= len(offsets):
             return None  # even an empty final user message leaves the row too long
         messages[u]["content"] = content[max(offsets[excess][0], 1):]
@@ -164,20 +195,20 @@ def _cut_final_user(tokenizer: Any, messages: list[Message], tc: TokenizedConver
     return None
 
 
-def format_row(row: dict[str, Any], tokenizer: Any,
-               cfg: FormatConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """One row -> (formatted row, None) or (None, quarantine record)."""
-    messages = row.get("messages")
-    problem = conversation_problem(messages)
-    if problem is not None:
-        return None, _quarantine(row, "invalid_conversation", problem)
+def _format_conversation(row: dict[str, Any], messages: list[Message], tokenizer: Any,
+                         cfg: FormatConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None, tuple[str, ...]]:
+    """One conversation -> (formatted row, None, adaptations) or (None, quarantine record, ()).
+
+    NotPrefixStable propagates (the caller expands the row); other template failures are quarantined.
+    """
     tools = row.get("tools")
     only_last = cfg.output == "prompt_completion"
     truncated = False
     try:
         tc = tokenize_conversation(tokenizer, messages, tools=tools, only_last=only_last)
         if tc.n_completion_tokens == 0:
-            return None, _quarantine(row, "no_completion", "no assistant token is left to train on after tokenisation")
+            return None, _quarantine(row, "no_completion",
+                                     "no assistant token is left to train on after tokenisation"), ()
         if tc.n_tokens > cfg.max_length:
             fitted = None
             if cfg.overlong == "truncate":
@@ -188,7 +219,7 @@ def format_row(row: dict[str, Any], tokenizer: Any,
                 return None, _quarantine(
                     row, "overlong", f"{tc.n_tokens} tokens > format.max_length {cfg.max_length} ({why})",
                     n_tokens=tc.n_tokens,
-                )
+                ), ()
             messages, tc = fitted
             truncated = True
         out = {**row, "messages": messages, "n_tokens": tc.n_tokens,
@@ -198,22 +229,76 @@ def format_row(row: dict[str, Any], tokenizer: Any,
             if not tc.text.startswith(prompt):
                 raise TemplateError("the rendered prompt is not a prefix of the rendered conversation")
             out["prompt"], out["completion"] = prompt, tc.text[len(prompt):]
+    except NotPrefixStable:
+        raise
     except _RENDER_ERRORS as exc:
-        return None, _quarantine(row, "template", f"chat template cannot render this row: {exc}")
-    return out, None
+        return None, _quarantine(row, "template", f"the chat template refuses this row: {exc}"), ()
+    return out, None, tc.changes
+
+
+@dataclass
+class RowOutcome:
+    """What became of one input row: its formatted rows (several when expanded), quarantine records,
+    and the rendering adaptations it needed (pipelines.chat.CHANGES, plus history_expanded)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    changes: set[str] = field(default_factory=set)
+
+
+def format_row(row: dict[str, Any], tokenizer: Any, cfg: FormatConfig) -> RowOutcome:
+    """One row -> its formatted row(s) and/or quarantine record(s).
+
+    Turns after the last trained assistant turn (weight 0) are dropped from the row (they cannot change
+    any loss). A conversation the template renders with rewritten history (NotPrefixStable: Qwen3,
+    DeepSeek-R1) becomes one row per trained assistant turn (pipelines.chat.expand_turns), with ids
+    `<id>-<k>` (k = 1, 2, ...) and `expanded_from: <id>`; each of them is formatted and length-checked
+    on its own.
+    """
+    outcome = RowOutcome()
+    messages = row.get("messages")
+    problem = conversation_problem(messages)
+    if problem is not None:
+        outcome.quarantine.append(_quarantine(row, "invalid_conversation", problem))
+        return outcome
+    last = max(i for i, m in enumerate(messages) if trained(m))
+    if last < len(messages) - 1:
+        messages = messages[: last + 1]
+        outcome.changes.add(UNTRAINED_TAIL)
+    try:
+        results = [_format_conversation(row, messages, tokenizer, cfg)]
+    except NotPrefixStable:
+        outcome.changes.add(HISTORY_EXPANDED)
+        results = []
+        for k, turns in enumerate(expand_turns(messages), start=1):
+            sub_row = {**row, "id": f"{row.get('id')}-{k}", "expanded_from": row.get("id")}
+            try:
+                results.append(_format_conversation(sub_row, turns, tokenizer, cfg))
+            except NotPrefixStable as exc:
+                results.append((None, _quarantine(sub_row, "template", f"the chat template refuses this row: "
+                                                  f"{exc}, even for its last turn alone"), ()))
+    for out, bad, changes in results:
+        if out is not None:
+            outcome.rows.append(out)
+            outcome.changes.update(changes)
+        else:
+            outcome.quarantine.append(bad)
+    return outcome
 
 
 def format_rows(rows: Iterable[dict[str, Any]], tokenizer: Any, cfg: FormatConfig) -> FormatResult:
     """Tokenise rows with the chat template and apply the length policy (pure: no file I/O)."""
     result = FormatResult()
     for row in rows:
-        out, bad = format_row(row, tokenizer, cfg)
-        if out is not None:
-            result.rows.append(out)
-            result.truncated += out["truncated"]
-        else:
-            result.quarantine.append(bad)
-            result.dropped += bad["rule"] == "overlong"
+        outcome = format_row(row, tokenizer, cfg)
+        result.rows_in += 1
+        result.rows += outcome.rows
+        result.truncated += sum(out["truncated"] for out in outcome.rows)
+        result.quarantine += outcome.quarantine
+        result.dropped += sum(bad["rule"] == "overlong" for bad in outcome.quarantine)
+        if outcome.rows:
+            result.rendering.update(outcome.changes)
+            result.expanded += HISTORY_EXPANDED in outcome.changes
     return result
 
 
@@ -280,6 +365,10 @@ class _Chunk:
     rules: Counter[str]
     truncated: int
     dropped: int
+    rows_in: int
+    rendering: Counter[str]
+    expanded: int
+    first_reasons: dict[str, str]  # the first quarantine reason per rule (for the error when nothing survives)
     problem: str | None  # FormattedSchema failure, or None
 
 
@@ -307,7 +396,9 @@ def _format_chunk(lines: list[str]) -> _Chunk:
         quarantine="".join(json.dumps(q, ensure_ascii=False, default=str) + "\n" for q in result.quarantine),
         ids=[r["id"] for r in rows], n_tokens=[r["n_tokens"] for r in rows],
         n_completion=[r["n_completion_tokens"] for r in rows], rules=Counter(q["rule"] for q in result.quarantine),
-        truncated=result.truncated, dropped=result.dropped, problem=_schema_problem(rows) if rows else None,
+        truncated=result.truncated, dropped=result.dropped, rows_in=result.rows_in, rendering=result.rendering,
+        expanded=result.expanded, first_reasons={q["rule"]: q["reason"] for q in reversed(result.quarantine)},
+        problem=_schema_problem(rows) if rows else None,
     )
 
 
@@ -345,6 +436,18 @@ def _formatted_chunks(path: Path, tokenizer: Any, cfg: FormatConfig, workers: in
             yield pending.popleft().result()
 
 
+def _nothing_survived(source: Path, quarantine: Path, rules: Counter[str], first_reasons: dict[str, str]) -> str:
+    """The error when every row was quarantined: the commonest rule, its first reason and what to do."""
+    rule, count = max(rules.items(), key=lambda kv: (kv[1], kv[0]))
+    what = {
+        "overlong": "raise format.max_length or set format.overlong: truncate",
+        "template": "the base model's chat template refuses these rows: use a model whose template renders them, "
+                    "or change the rows",
+    }.get(rule, f"see the reasons in {quarantine}")
+    return (f"no row of '{source}' survived formatting: {count} of {sum(rules.values())} quarantined by rule "
+            f"'{rule}' (first: {first_reasons.get(rule, '?')}); {what}")
+
+
 def run(params: Params, *, workers: int | None = None) -> StageResult:
     """Format cleaned/examples.jsonl into formatted/ (see the module docstring); workers=None uses every core."""
     started = time.perf_counter()
@@ -354,8 +457,10 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
     n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data
     rules: Counter[str] = Counter()
+    rendering: Counter[str] = Counter({rule: 0 for rule in RENDERING_RULES})
+    first_reasons: dict[str, str] = {}
     seen_ids: set[str] = set()
-    truncated = dropped = 0
+    truncated = dropped = rows_in = expanded = 0
     out_dir = params.path("formatted")
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "dataset.jsonl", "w", encoding="utf-8") as data_fh, \
@@ -375,12 +480,16 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
                 rules.update(chunk.rules)
                 truncated += chunk.truncated
                 dropped += chunk.dropped
+                rows_in += chunk.rows_in
+                expanded += chunk.expanded
+                rendering.update(chunk.rendering)
+                first_reasons = {**chunk.first_reasons, **first_reasons}
         lengths, completions = np.asarray(n_tokens, dtype=np.int64), np.asarray(n_completion, dtype=np.int64)
-        rows_in = len(lengths) + sum(rules.values())
         seconds = time.perf_counter() - started
         report = {
             "rows_in": rows_in, "rows_out": len(lengths), "quarantined": sum(rules.values()),
             "quarantine_by_rule": dict(sorted(rules.items())), "truncated": truncated, "overlong_dropped": dropped,
+            "rendering": dict(rendering), "expanded_rows": expanded,
             "output": cfg.output, "max_length": cfg.max_length, "overlong_policy": cfg.overlong,
             "tokens_total": int(lengths.sum()), "completion_tokens_total": int(completions.sum()),
             "n_tokens": token_stats(lengths), "n_completion_tokens": token_stats(completions),
@@ -390,10 +499,12 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
         # Timings stay out of the file: the same rows give the same bytes, so DVC skips everything downstream.
         write_json(tmp / "report.json", {k: v for k, v in report.items() if k not in ("seconds", "rows_per_second")})
     if rows_in and not len(lengths):
-        raise StageError(f"no row of '{source}' survived formatting (see {out_dir / 'quarantine.jsonl'}); "
-                         "raise format.max_length or set format.overlong: truncate")
+        raise StageError(_nothing_survived(source, out_dir / "quarantine.jsonl", rules, first_reasons))
     log.info("formatted %d of %d rows (%d truncated, %d quarantined) in %.1fs",
              len(lengths), rows_in, truncated, report["quarantined"], seconds)
+    if any(rendering.values()):
+        log.info("rendering adaptations (rows): %s",
+                 ", ".join(f"{rule}={n}" for rule, n in rendering.items() if n))
     metrics = {k: v for k, v in report.items() if k not in ("n_tokens", "n_completion_tokens")}
     metrics.update({f"n_tokens_{k}": v for k, v in report["n_tokens"].items()})
     return StageResult(

@@ -24,11 +24,9 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from pipelines.errors import StageError  # stages import it from here
+
 T = TypeVar("T")
-
-
-class StageError(RuntimeError):
-    """A user-facing failure of a stage: the message is one clear sentence, shown without a traceback."""
 
 
 @dataclass

@@ -70,7 +70,7 @@ def _check_method(params: Params) -> None:
         return
     import torch
 
-    from pipelines.train import four_bit_unsupported  # imported here: pipelines.train imports this module
+    from pipelines.train_env import four_bit_unsupported
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = four_bit_unsupported(device)

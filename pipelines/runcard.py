@@ -49,10 +49,7 @@ def render_run_card(card: dict[str, Any]) -> str:
         ("optimizer steps", metrics.get("steps")),
         ("early stopped", metrics.get("early_stopped")),
         ("train tokens seen (non-pad)", metrics.get("tokens_seen")),
-        ("tokens / s", metrics.get("tokens_per_s")),
         ("padding efficiency", metrics.get("padding_efficiency")),
-        ("wall time (s)", metrics.get("train_wall_time_s")),
-        ("peak RSS (MB)", metrics.get("peak_rss_mb")),
         ("trainable / total parameters", f"{metrics.get('trainable_params')} / {metrics.get('total_params')}"),
     ]
     lines = [
@@ -70,6 +67,9 @@ def render_run_card(card: dict[str, Any]) -> str:
         "| figure | value |",
         "| --- | --- |",
         *(f"| {name} | {_fmt(value)} |" for name, value in headline if value is not None),
+        "",
+        "Timings and memory of the run are not written here (the same training must give the same bytes): they",
+        "are in the run record `.run.json` beside this file and in the Dagster metadata of `lora_adapter`.",
         "",
         "## Reproduce",
         "",

@@ -2,150 +2,61 @@
 
     python -m pipelines train                                        # one process, device picked automatically
     PIPELINES_TRAIN_LAUNCHER=accelerate PIPELINES_TRAIN_PROCESSES=2 python -m pipelines train   # 2-process DDP
-    accelerate launch --num_processes 2 --cpu -m pipelines train     # the same DDP run, launched by hand
+    accelerate launch --num_processes 2 --multi_gpu -m pipelines train   # the same DDP run, launched by hand
 
+It reads top to bottom like TRL's `sft.py`: encode the splits, build the trainer, train, write the adapter.
 Hyperparameters come from params.yaml `train:`; the environment (device, precision, threads, 4-bit loading,
-launcher) from `TrainEnv` (the Dagster trainer resource, or PIPELINES_TRAIN_* variables on the command line).
+launcher) is a `TrainEnv` (pipelines.train_env: the Dagster trainer resource, or PIPELINES_TRAIN_* variables).
+Around it: pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the same losses, faster on CPU),
+pipelines.launcher (`accelerate launch` and its log protocol), pipelines.fence (the library internals those use).
 
 Data: each row of splits/{train,validation}.jsonl is tokenised by `pipelines.chat.tokenize_conversation`, the
-one source of truth for the chat template and the loss mask: labels are the token ids on every assistant turn
-(its end-of-turn token included, so the model learns to stop) and -100 elsewhere. SFTTrainer receives this
+one source of truth for the chat template and the loss mask: labels are the token ids on every trained assistant
+turn (its end-of-turn token included, so the model learns to stop) and -100 elsewhere, including on an assistant
+turn marked `"weight": 0`; special-token text inside a message is encoded as plain text. SFTTrainer receives this
 pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-renders, re-masks, nor adds or
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
 and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
-
-Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params and code;
-a rerun resumes from the last complete checkpoint there, and refuses one whose stored hash differs.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import hashlib
-import json
 import logging
 import os
-import re
 import resource
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipelines import chat
-from pipelines.base_model import model_hash, source_info
+from pipelines import chat, checkpoints, cpu_speedups, fence, launcher, train_env
+from pipelines.base_model import source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_file, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, write_json
 from pipelines.preflight import preflight
 from pipelines.runcard import library_versions, render_run_card
+from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
 
-OnLog = Callable[[dict[str, Any]], None]
-ENV_PREFIX = "PIPELINES_TRAIN_"
-LOG_MARK = "@@train-log "  # stdout prefix of a child process's log dict, read back by the launching process
-FINGERPRINT = "fingerprint.json"
+OnLog = launcher.OnLog
 EVAL_TAG = "is_eval"  # column that tells the counting collator a validation row from a train row
-DEVICES, PRECISIONS, LAUNCHERS = ("auto", "cpu", "cuda"), ("auto", "bf16", "fp16", "fp32"), ("in_process", "accelerate")
+# Figures that differ between two runs of the same training (time, memory). They go to the stage's metrics (the run
+# record and the Dagster metadata) but never into the adapter folder: the same data, params and code must give
+# the same adapter bytes, or a rerun would make everything downstream of the adapter look changed.
+TIMINGS = ("train_wall_time_s", "step_time_s", "tokens_per_s", "stage_wall_time_s", "peak_rss_mb", "peak_gpu_mb")
+TIMING_LOG_SUFFIXES = ("_runtime", "_per_second")  # trainer log keys such as train_runtime, eval_samples_per_second
+FULL_METRICS = "final_metrics.json"  # in the run's checkpoint folder: every figure, for a launching process
 
 
-# --------------------------------------------------------------------------------------------------- environment
-@dataclass(frozen=True)
-class TrainEnv:
-    """Where and how training runs; none of it changes what is learned (that is params.yaml `train:`)."""
-
-    device: str = "cpu"  # cpu | cuda
-    precision: str = "fp32"  # bf16 | fp16 | fp32; never reduced precision on CPU (slow and lossy there)
-    num_threads: int = 1  # torch intra-op threads per process
-    load_in_4bit: bool = False  # NF4 + double quantisation of the frozen base (QLoRA memory) for any PEFT method
-    launcher: str = "in_process"  # in_process | accelerate (a subprocess `accelerate launch`)
-    num_processes: int = 1  # data-parallel processes when launcher == accelerate
-    gradient_checkpointing: bool = False  # trade compute for activation memory (large models on small GPUs)
-    accelerate_config: str | None = None  # an `accelerate config` YAML (FSDP, DeepSpeed); None: plain DDP
-
-    @classmethod
-    def resolve(cls, device: str = "auto", precision: str = "auto", num_threads: int = 0,
-                load_in_4bit: bool = False, launcher: str = "in_process", num_processes: int = 1,
-                gradient_checkpointing: bool = False, accelerate_config: str | None = None) -> TrainEnv:
-        """Fill in 'auto' values from the machine and refuse combinations that cannot work."""
-        import torch
-
-        for name, value, allowed in (("device", device, DEVICES), ("precision", precision, PRECISIONS),
-                                     ("launcher", launcher, LAUNCHERS)):
-            if value not in allowed:
-                raise StageError(f"trainer {name} = {value!r} is not allowed; use one of {', '.join(allowed)}")
-        cuda = torch.cuda.is_available()
-        if device == "auto":
-            device = "cuda" if cuda else "cpu"
-        if device == "cuda" and not cuda:
-            raise StageError("trainer device = 'cuda' but no CUDA GPU is visible; use device 'auto' or 'cpu'")
-        if precision == "auto":
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
-        if device == "cpu" and precision != "fp32":
-            raise StageError(f"trainer precision = {precision!r} on CPU is not allowed; CPU training runs in fp32")
-        if num_threads <= 0:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if num_processes < 1:
-            raise StageError(f"trainer num_processes = {num_processes} must be at least 1")
-        if accelerate_config and not Path(accelerate_config).is_file():
-            raise StageError(f"trainer accelerate_config = '{accelerate_config}' is not a file; write one with "
-                             "`accelerate config --config_file FILE` or leave it empty for plain DDP")
-        return cls(device, precision, num_threads, load_in_4bit, launcher, num_processes, gradient_checkpointing,
-                   accelerate_config or None)
-
-    @classmethod
-    def auto(cls) -> TrainEnv:
-        """The machine's defaults, overridden by PIPELINES_TRAIN_{DEVICE,PRECISION,THREADS,LOAD_IN_4BIT,...}."""
-        env = os.environ
-
-        def flag(name: str) -> bool:
-            return env.get(ENV_PREFIX + name, "").lower() in ("1", "true", "yes")
-
-        return cls.resolve(
-            device=env.get(ENV_PREFIX + "DEVICE", "auto"),
-            precision=env.get(ENV_PREFIX + "PRECISION", "auto"),
-            num_threads=int(env.get(ENV_PREFIX + "THREADS", "0")),
-            load_in_4bit=flag("LOAD_IN_4BIT"),
-            launcher=env.get(ENV_PREFIX + "LAUNCHER", "in_process"),
-            num_processes=int(env.get(ENV_PREFIX + "PROCESSES", "1")),
-            gradient_checkpointing=flag("GRADIENT_CHECKPOINTING"),
-            accelerate_config=env.get(ENV_PREFIX + "ACCELERATE_CONFIG") or None,
-        )
-
-    def environ(self) -> dict[str, str]:
-        """This environment as PIPELINES_TRAIN_* variables (how a launched child process receives it)."""
-        return {
-            ENV_PREFIX + "DEVICE": self.device,
-            ENV_PREFIX + "PRECISION": self.precision,
-            ENV_PREFIX + "THREADS": str(self.num_threads),
-            ENV_PREFIX + "LOAD_IN_4BIT": str(self.load_in_4bit).lower(),
-            ENV_PREFIX + "LAUNCHER": self.launcher,
-            ENV_PREFIX + "PROCESSES": str(self.num_processes),
-            ENV_PREFIX + "GRADIENT_CHECKPOINTING": str(self.gradient_checkpointing).lower(),
-            ENV_PREFIX + "ACCELERATE_CONFIG": self.accelerate_config or "",
-        }
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
 
 
-def four_bit_unsupported(device: str) -> str | None:
-    """None if bitsandbytes can quantise to NF4 on `device`, else the reason it cannot."""
-    try:
-        import bitsandbytes.functional as bnbf
-        import torch
-
-        bnbf.quantize_4bit(torch.randn(64, 64, device=device), quant_type="nf4", compress_statistics=True)
-    except Exception as exc:  # ImportError, a missing native backend, or an unsupported device
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
-    return None
+def log_without_timings(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in entry.items() if not k.endswith(TIMING_LOG_SUFFIXES)} for entry in log_history]
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -160,7 +71,7 @@ class EncodedSplit:
 
 
 def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """input_ids and labels (-100 off the assistant turns) of one row; overlong rows keep their end (the answer)."""
+    """input_ids and labels (-100 off the trained assistant turns) of one row; overlong rows keep their end."""
     tok = tokenize_conversation(tokenizer, row["messages"], tools=row.get("tools"))
     ids = tok.input_ids
     labels = [t if m else -100 for t, m in zip(ids, tok.assistant_mask, strict=True)]
@@ -178,7 +89,7 @@ def encode_split(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, wh
     for line, row in enumerate(rows, start=1):
         try:
             example, truncated = encode_example(tokenizer, row, max_length)
-        except (TemplateError, KeyError, ValueError, TypeError) as exc:
+        except (TemplateError, *chat.RENDER_ERRORS) as exc:
             raise StageError(f"{where} line {line}: the row cannot be tokenised with the chat template ({exc}); "
                              "rerun the format stage with this base model") from None
         n_labels = sum(label != -100 for label in example["labels"])
@@ -215,9 +126,7 @@ class CountingCollator:
     counts: dict[str, list[int]] = field(default_factory=lambda: {"train": [0, 0, 0], "eval": [0, 0, 0]})
 
     def __post_init__(self) -> None:
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.inner = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)
+        self.inner = fence.get("padding_collator")(pad_token_id=self.pad_token_id)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         phase = "eval" if examples[0].get(EVAL_TAG) else "train"
@@ -264,7 +173,7 @@ def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_
     dtype = torch.float32 if cfg.method == "full" else _dtype(env)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if four_bit:
-        reason = four_bit_unsupported(env.device)
+        reason = train_env.four_bit_unsupported(env.device)
         if reason:
             raise StageError(f"train.method = {cfg.method!r} needs 4-bit loading, which bitsandbytes cannot do on "
                              f"{env.device} here ({reason}); use method 'lora' or a CUDA machine")
@@ -279,185 +188,13 @@ def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_
     return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
 
 
-def _epoch_seeded(sampler: Any, seed: int) -> Any:
-    """The trainer's length-grouped sampler, its shuffle drawn from seed + epoch instead of the global RNG.
-
-    transformers draws the order of an epoch from the global torch RNG when the epoch starts; a resume in the
-    middle of an epoch rebuilds that order before it restores rng_state.pth (and that state is not the one of
-    the epoch start anyway), so without this a resumed run trains on other batches than an uninterrupted one.
-    """
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    if type(sampler) is not LengthGroupedSampler:
-        return sampler
-
-    class EpochSeeded(LengthGroupedSampler):
-        epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:  # called by the Trainer / accelerate before each epoch
-            self.epoch = epoch
-
-        def __iter__(self):
-            import torch
-
-            self.generator = torch.Generator().manual_seed(seed + self.epoch)
-            return super().__iter__()
-
-    return EpochSeeded(sampler.batch_size, lengths=sampler.lengths)
-
-
-def score_only_label_positions() -> bool:
-    """Make TRL's fused LM head project only the positions that have a label, on every device; True if it does.
-
-    TRL's SFTTrainer computes the loss with a fused, chunked LM head. On CUDA/XPU it scores only the positions
-    with a label ("compact"); elsewhere it scores every position, so that compilers such as Neuron see fixed
-    tile shapes. On CPU that spends the 49k-vocabulary head on every prompt token: in a profile of the ticket
-    demo (13 of 124 tokens trained) it was a third of the step. The compact path is the same computation on
-    fewer rows, scattered back to their positions, so losses and gradients are unchanged
-    (tests/test_train.py checks both). The switch is a module-level function of trl.trainer.utils; if a TRL
-    release renames it, training still works, at the old speed, and a warning says so.
-    """
-    import trl.trainer.utils as trl_utils
-
-    decide = getattr(trl_utils, "_use_triton", None)
-    if decide is None:
-        log.warning("trl %s has no trl.trainer.utils._use_triton: the LM head scores every position on CPU",
-                    getattr(sys.modules.get("trl"), "__version__", "?"))
-        return False
-    if getattr(decide, "_compact_everywhere", False):
-        return True
-
-    def compact(device: Any) -> bool:
-        return device.type == "cpu" or decide(device)
-
-    compact._compact_everywhere = True  # type: ignore[attr-defined]
-    compact._original = decide  # type: ignore[attr-defined]
-    trl_utils._use_triton = compact
-    return True
-
-
-PLAIN_HEAD_MAX_LABELS = 4096  # label positions per batch up to which the CPU head keeps (labels, vocab) logits
-HEAD_ROWS = 32  # label positions per elementwise pass of the CPU head: a (32, vocab) tile stays in cache
-_SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-
-
-@functools.cache
-def _label_log_prob_function() -> Any:
-    """The LM head at the label positions as one autograd Function: (hidden, weight, targets) -> log p(target),
-    entropy, is-top-1. Built on first use so importing this module does not import torch."""
-    import torch
-
-    class LabelLogProb(torch.autograd.Function):
-        """logits = hidden @ weight.T, held once: the forward reads it in cache-sized row tiles for the
-        log-sum-exp and the entropy, and the backward turns that same buffer, in place, into the gradient
-        of log p(target) with respect to the logits (one-hot minus softmax, times the incoming gradient).
-        F.cross_entropy + a separate entropy allocate five (labels, vocab) tensors per step instead of one;
-        on this CPU each fresh one costs page faults and a pass over memory."""
-
-        @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any) -> tuple[Any, Any, Any]:
-            logits = hidden @ weight.t()  # (n, vocab)
-            lse, entropy = logits.new_empty(len(logits)), logits.new_empty(len(logits))
-            for start in range(0, len(logits), HEAD_ROWS):
-                tile = logits[start:start + HEAD_ROWS]
-                peak = tile.amax(-1, keepdim=True)
-                exp = (tile - peak).exp_()
-                total = exp.sum(-1)
-                lse[start:start + HEAD_ROWS] = tile_lse = peak.squeeze(-1) + total.log()
-                entropy[start:start + HEAD_ROWS] = tile_lse - torch.linalg.vecdot(exp, tile) / total  # lse - E[logit]
-            is_top1 = logits.argmax(-1) == targets  # the first maximum, as TRL counts a tie
-            log_probs = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
-            ctx.save_for_backward(hidden, weight, targets, lse)
-            ctx.logits = logits  # consumed by backward
-            ctx.mark_non_differentiable(entropy, is_top1)
-            return log_probs, entropy, is_top1
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any, _entropy: Any, _top1: Any) -> tuple[Any, Any, None]:
-            hidden, weight, targets, lse = ctx.saved_tensors
-            logits, ctx.logits = ctx.logits, None
-            if logits is None:
-                raise RuntimeError("the CPU LM head's backward reuses its logits buffer and can run only once")
-            for start in range(0, len(logits), HEAD_ROWS):  # d log p_t / d logit_j = 1[j = t] - p_j
-                rows = slice(start, start + HEAD_ROWS)
-                logits[rows].sub_(lse[rows, None]).exp_().mul_(-grad[rows, None])
-            logits[torch.arange(len(logits)), targets] += grad
-            grad_hidden = logits @ weight if ctx.needs_input_grad[0] else None
-            grad_weight = logits.t() @ hidden if ctx.needs_input_grad[1] else None
-            return grad_hidden, grad_weight, None
-
-    return LabelLogProb
-
-
-def _plain_label_head(hidden: Any, head: Any, targets: Any) -> tuple[Any, Any, Any]:
-    """log p(target), entropy and "target is the argmax" at each labelled position: (n,) each.
-
-    entropy and is_top1 are for logging only, as in TRL (no gradient flows through them).
-    """
-    return _label_log_prob_function().apply(hidden.float(), head.weight.float(), targets)
-
-
-def plain_head_on_cpu(model: Any) -> bool:
-    """On CPU, compute TRL's fused-LM-head outputs with one matmul and an in-place softmax; True if installed.
-
-    TRL computes the loss with a chunked LM head that never holds the (positions, vocab) logits: right for
-    GPU memory, but on CPU its torch fallback makes ~10 elementwise passes over every logit tile forward and
-    backward. Measured here, 2 threads, forward + backward: on 900 label positions (a batch of 8 Alpaca rows)
-    2.45 s TRL's head vs 0.94 s matmul + F.cross_entropy; on 1,500 positions 2.05 s for matmul +
-    cross-entropy + a separate entropy vs 1.29 s for LabelLogProb (_label_log_prob_function). This path keeps
-    TRL's contract (same loss, log_probs, entropy, is_top1 and label_mask; tests/test_train.py compares them,
-    gradients included) for batches of up to PLAIN_HEAD_MAX_LABELS labels (~0.8 GB of logits for SmolLM2);
-    larger batches, scaled, soft-capped or biased heads and pre-shifted labels go to TRL's own path.
-    """
-    import types
-
-    try:
-        from trl.trainer.utils import FusedCausalLMOutput
-    except ImportError:  # a TRL without the fused head: its compute_loss does not call fused_lm_head=True either
-        return False
-
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text_config = base.config.get_text_config()
-    if any(getattr(text_config, key, None) is not None for key in _SCALED_HEAD_KEYS):
-        return False
-    head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:  # a wrapped (e.g. LoRA) or biased head
-        return False
-    fused = base.forward  # TRL's patched forward: the fallback
-
-    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
-                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
-        if not fused_lm_head or labels is None or shift_labels is not None or \
-                int((labels[:, 1:] != -100).sum()) > PLAIN_HEAD_MAX_LABELS:
-            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                         num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
-        targets = labels[:, 1:]
-        mask = targets != -100
-        log_probs, entropy, is_top1 = _plain_label_head(hidden[mask], self.get_output_embeddings(), targets[mask])
-
-        def full(x: Any) -> Any:  # back to (batch, seq - 1), zero where there is no label
-            return x.new_zeros(mask.shape).masked_scatter(mask, x)
-
-        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / denominator, log_probs=full(log_probs),
-                                   entropy=full(entropy), is_top1=full(is_top1), label_mask=mask)
-
-    base.forward = types.MethodType(forward, base)
-    return True
-
-
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: TrainConfig, env: TrainEnv,
                   output_dir: Path, *, callbacks: list[Any] | None = None) -> Any:
     """The one place an SFTTrainer is made: typed config in, trainer out (composition, no subclass)."""
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    score_only_label_positions()
+    cpu_speedups.score_only_label_positions()
     has_eval = eval_ds is not None and len(eval_ds) > 0
     # The best checkpoint can only be reloaded if every save step is also an eval step.
     load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0
@@ -517,10 +254,9 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         peft_config=peft_config(cfg),
         callbacks=callbacks,
     )
-    default_sampler = trainer._get_train_sampler  # looked up when the train dataloader is built
-    trainer._get_train_sampler = lambda dataset=None: _epoch_seeded(default_sampler(dataset), cfg.seed)
+    fence.wrap_train_sampler(trainer, lambda sampler: cpu_speedups.epoch_seeded(sampler, cfg.seed))
     if env.device == "cpu":
-        plain_head_on_cpu(trainer.model)
+        cpu_speedups.plain_head_on_cpu(trainer.model)
     if env.precision == "fp32":
         # TRL casts a quantised model's adapter weights to bf16 (the QLoRA paper's GPU recipe); in fp32 (CPU)
         # they stay fp32. The optimizer is created in train(), after this.
@@ -530,99 +266,6 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
             if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
                 param.data = param.data.float()
     return trainer
-
-
-# ---------------------------------------------------------------------------------------- checkpoints/resume
-def run_fingerprint(params: Params) -> dict[str, Any]:
-    """What a checkpoint belongs to: hashes of the splits, the base model, the train params and the training code."""
-    splits, base = params.path("splits"), params.path("base_model")
-    parts = {
-        "train_split": sha256_file(splits / "train.jsonl"),
-        "validation_split": sha256_file(splits / "validation.jsonl") if (splits / "validation.jsonl").is_file()
-        else None,
-        "base_model": model_hash(base),
-        "train_params": hashlib.sha256(json.dumps(params.train.model_dump(mode="json"), sort_keys=True).encode())
-        .hexdigest(),
-        "max_length": params.format.max_length,
-        # the code that turns rows into batches and trains on them: a checkpoint of other code is not resumed
-        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat)))
-        .hexdigest(),
-    }
-    run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return {"run_hash": run_hash, "parts": parts}
-
-
-def _step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def resume_point(run_dir: Path, fingerprint: dict[str, Any]) -> Path | None:
-    """The last complete checkpoint of this run (None: start fresh); refuses one written for another run."""
-    if not run_dir.is_dir():
-        return None
-    candidates = sorted((p for p in run_dir.glob("checkpoint-*") if _step(p) >= 0), key=_step)
-    complete = [p for p in candidates if (p / FINGERPRINT).is_file() and (p / "trainer_state.json").is_file()]
-    if not complete:
-        return None
-    last = complete[-1]
-    stored = read_json(last / FINGERPRINT)
-    if stored.get("run_hash") != fingerprint["run_hash"]:
-        changed = [k for k, v in fingerprint["parts"].items() if stored.get("parts", {}).get(k) != v]
-        raise StageError(
-            f"checkpoint '{last}' was written for a different run ({', '.join(changed) or 'run hash'} changed); "
-            "delete that folder to train from scratch, or restore the data and params it was trained with"
-        )
-    return last
-
-
-def drop_incomplete(run_dir: Path) -> list[str]:
-    """Remove checkpoint folders a crash left half-written (no fingerprint): they must not be resumed from."""
-    dropped = []
-    for path in run_dir.glob("checkpoint-*") if run_dir.is_dir() else []:
-        if not (path / FINGERPRINT).is_file():
-            shutil.rmtree(path, ignore_errors=True)
-            dropped.append(path.name)
-    return dropped
-
-
-def _callbacks(fingerprint: dict[str, Any], on_log: OnLog | None) -> list[Any]:
-    from transformers import TrainerCallback
-
-    class Fingerprint(TrainerCallback):
-        """Marks a checkpoint complete (written last) and records which run it belongs to."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / FINGERPRINT, fingerprint)
-
-    class ForwardLogs(TrainerCallback):
-        """Hands each trainer log (loss, lr, grad norm, eval loss) to the caller, e.g. the Dagster log."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log is not None and state.is_world_process_zero and logs:
-                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
-
-    return [Fingerprint(), ForwardLogs(), step_timer()]
-
-
-def step_timer() -> Any:
-    """A trainer callback summing the seconds spent in optimizer steps (forward, backward, update), without
-    evaluation and checkpoint saves: `.seconds` over `.steps` (bench/bench_train.py times both arms with it)."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds, self.steps, self._start = 0.0, 0, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += time.perf_counter() - self._start
-            self.steps += 1
-
-    return StepTimer()
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -698,18 +341,18 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     val_split = encode_split(tokenizer, _read_split(params, "validation", required=False), max_length,
                              str(params.path("splits") / "validation.jsonl"))
 
-    fingerprint = run_fingerprint(params)
+    fingerprint = checkpoints.run_fingerprint(params)
     run_dir = params.path("checkpoints") / fingerprint["run_hash"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resume = resume_point(run_dir, fingerprint)
+    resume = checkpoints.resume_point(run_dir, fingerprint)
     if is_main:
-        drop_incomplete(run_dir)
+        checkpoints.drop_incomplete(run_dir)
 
     model = load_model(base_dir, cfg, env, trust_remote_code=params.model.trust_remote_code)
     trainer = build_trainer(model, tokenizer, to_dataset(train_split, is_eval=False),
                             to_dataset(val_split, is_eval=True), cfg, env, run_dir,
-                            callbacks=_callbacks(fingerprint, on_log))
+                            callbacks=checkpoints.callbacks(fingerprint, on_log))
     train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = trainer.evaluate() if len(val_split.examples) else {}
     collator: CountingCollator = trainer.data_collator
@@ -733,7 +376,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": round(float(state.epoch or 0), 3),
-        "resumed_from_step": _step(resume) if resume else None,
+        "resumed_from_step": checkpoints.step_of(resume) if resume else None,
         "early_stopped": bool(early and early.early_stopping_patience_counter >= early.early_stopping_patience),
         "final_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
         "mean_train_loss": float(train_result.training_loss),
@@ -766,9 +409,9 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "data": {"train": fingerprint["parts"]["train_split"], "validation": fingerprint["parts"]["validation_split"]},
         "run_hash": fingerprint["run_hash"],
         "params": cfg.model_dump(mode="json"),
-        "env": {**asdict(env), "num_processes": world_size},
+        "env": {**env.as_dict(), "num_processes": world_size},
         "versions": library_versions(),
-        "metrics": metrics,
+        "metrics": without_timings(metrics),
     }
     out = params.path("adapter")
     with atomic_dir(out) as tmp:
@@ -777,10 +420,11 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
                 shutil.move(str(item), tmp / item.name)
         (tmp / "README.md").write_text(render_run_card(card), encoding="utf-8")
-        write_json(tmp / "train_log.json", state.log_history)
-        write_json(tmp / "train_metrics.json", metrics)
+        write_json(tmp / "train_log.json", log_without_timings(state.log_history))
+        write_json(tmp / "train_metrics.json", without_timings(metrics))
         plot_loss(curve, tmp / "loss_curve.png")
     shutil.rmtree(staging, ignore_errors=True)
+    write_json(run_dir / FULL_METRICS, metrics)  # read back by a launching process (pipelines.launcher)
     return StageResult(
         "train",
         {"adapter": out, "loss_curve": out / "loss_curve.png", "checkpoints": run_dir},
@@ -788,80 +432,16 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _portable_params(params: Params) -> dict[str, Any]:
-    """params as a dict whose paths are absolute, so the file can live anywhere (a temp folder)."""
-    data = params.model_dump(mode="json")
-    data["paths"] = {key: str(params.path(key)) for key in data["paths"]}
-    return data
-
-
-def launch_accelerate(params: Params, env: TrainEnv, on_log: OnLog | None) -> StageResult:
-    """Run this same stage as `accelerate launch --num_processes N -m pipelines train` (DDP; no own layer)."""
-    threads = max(1, env.num_threads // env.num_processes)
-    child_env = replace(env, num_threads=threads, launcher="in_process")
-    package_root = str(Path(__file__).resolve().parents[1])
-    environ = {
-        **os.environ, **child_env.environ(),
-        "OMP_NUM_THREADS": str(threads),
-        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-        ENV_PREFIX + "LOG_STDOUT": "1",
-    }
-    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[env.precision]
-    tail: collections.deque[str] = collections.deque(maxlen=30)
-    with tempfile.TemporaryDirectory(prefix="train-params-") as tmp:
-        params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump(_portable_params(params), sort_keys=False), encoding="utf-8")
-        # accelerate's `--cpu` starts several processes only through MPI (mpirun); its torchrun launcher
-        # (`--multi_gpu`) starts them on any machine, and the trainer's use_cpu then selects CPU + gloo.
-        topology = ["--config_file", env.accelerate_config] if env.accelerate_config else ["--multi_gpu"]
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(env.num_processes),
-            "--num_machines", "1", "--mixed_precision", mixed, "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()),
-            "-m", "pipelines", "train", "--params", str(params_file),
-        ]
-        log.info("launching: %s", " ".join(cmd))
-        with subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              bufsize=1) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                mark = line.find(LOG_MARK)  # progress bars end in "\r", not "\n", so the mark can be mid-line
-                if mark >= 0:
-                    if on_log is not None:
-                        on_log(json.loads(line[mark + len(LOG_MARK):]))
-                    line = line[:mark]
-                tail.append(line.rstrip())
-                log.info("[accelerate] %s", line.rstrip())
-    if proc.returncode != 0:
-        errors = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
-        if errors:
-            raise StageError(errors[-1])
-        raise StageError(f"`accelerate launch` with {env.num_processes} processes failed (exit {proc.returncode}); "
-                         f"its last output: {' | '.join(list(tail)[-5:])}")
-    out = params.path("adapter")
-    metrics = read_json(out / "train_metrics.json")
-    curve = loss_curve(read_json(out / "train_log.json"))
-    return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png"},
-                       {**metrics, "loss_curve": curve})
-
-
-def _stdout_log(logs: dict[str, Any]) -> None:
-    print(LOG_MARK + json.dumps(logs, default=str), flush=True)
-
-
 def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None) -> StageResult:
     """Train the adapter; `on_log` receives each trainer log dict (step, loss, learning_rate, eval_loss, ...)."""
     preflight(params, "train")  # bad target modules / max_length: one sentence before any model is loaded
     env = env or TrainEnv.auto()
-    if on_log is None and os.environ.get(ENV_PREFIX + "LOG_STDOUT") == "1":
-        on_log = _stdout_log
-    inside_launcher = "WORLD_SIZE" in os.environ
-    if env.launcher == "accelerate" and env.num_processes > 1 and not inside_launcher:
-        return launch_accelerate(params, env, on_log)
+    on_log = on_log or launcher.child_log()
+    if env.launcher == "accelerate" and env.num_processes > 1 and not launcher.inside_launcher():
+        launcher.launch_accelerate(params, env, on_log, stage="train")
+        out = params.path("adapter")
+        full = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"] / FULL_METRICS
+        return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png"},
+                           {**read_json(full if full.is_file() else out / "train_metrics.json"),
+                            "loss_curve": loss_curve(read_json(out / "train_log.json"))})
     return train_in_process(params, env, on_log)

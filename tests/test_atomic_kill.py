@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from pipelines import io
+from pipelines.records import RECORD
 from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
 from tests.conftest import REPO, write_project
 
@@ -165,11 +166,14 @@ def _report_view(report: dict) -> dict:
 
 
 def fingerprint(out: Path) -> dict[str, str]:
-    """Every entry of the output folder -> digest (report.json without its timing fields)."""
+    """Every entry of the output folder -> digest (report.json without its timing fields; the run record, which
+    says when and by whom the output was made, is not part of the output)."""
     if not out.is_dir():
         return {}
     prints = {}
     for path in sorted(out.iterdir()):
+        if path.name == RECORD:
+            continue
         if path.name == "report.json":
             prints[path.name] = json.dumps(_report_view(json.loads(path.read_text())), sort_keys=True)
         else:
@@ -179,7 +183,7 @@ def fingerprint(out: Path) -> dict[str, str]:
 
 def check_complete(stage: Stage, out: Path) -> None:
     """The folder is one whole, valid stage output: its files, rows that parse and pass the schema, true counts."""
-    assert sorted(p.name for p in out.iterdir()) == sorted([*stage.files, "report.json"])
+    assert sorted(p.name for p in out.iterdir() if p.name != RECORD) == sorted([*stage.files, "report.json"])
     report = json.loads((out / "report.json").read_text())
     lines: dict[str, int] = {}
     for name, schema in stage.files.items():

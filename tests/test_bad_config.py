@@ -196,18 +196,18 @@ def test_preflight_without_a_model_folder_leaves_it_to_the_stage(tmp_path):
 
 
 def test_preflight_refuses_qlora_where_4bit_kernels_are_missing(model_params, monkeypatch):
-    import pipelines.train
+    import pipelines.train_env
 
-    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: "RuntimeError: no 4-bit backend")
+    monkeypatch.setattr(pipelines.train_env, "four_bit_unsupported", lambda device: "RuntimeError: no 4-bit backend")
     with pytest.raises(ConfigError, match=r"train.method = 'qlora' needs 4-bit bitsandbytes kernels") as err:
         preflight(model_params({"train": {"method": "qlora"}}), "train")
     assert "\n" not in str(err.value)
 
 
 def test_preflight_allows_qlora_where_4bit_kernels_run(model_params, monkeypatch):
-    import pipelines.train
+    import pipelines.train_env
 
-    monkeypatch.setattr(pipelines.train, "four_bit_unsupported", lambda device: None)
+    monkeypatch.setattr(pipelines.train_env, "four_bit_unsupported", lambda device: None)
     assert preflight(model_params({"train": {"method": "qlora"}}), "train") is None
 
 
@@ -231,3 +231,26 @@ def test_preflight_cli(tmp_path, tiny_model_dir):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "format.max_length = 2048" in proc.stderr
+
+
+def test_params_yaml_holds_the_defaults():
+    """One home for each default: the committed params.yaml writes out exactly the defaults of pipelines/config.py
+    (so a key left out of a user's file means the same value as the documented file)."""
+    import yaml
+
+    from pipelines.config import Params
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params().model_dump(mode="json")
+
+    def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in a.items():
+            if isinstance(value, dict):
+                out += differences(value, b.get(key, {}), f"{prefix}{key}.")
+            elif b.get(key) != value:
+                out.append(f"{prefix}{key}: params.yaml {value!r} vs config.py {b.get(key)!r}")
+        return out
+
+    assert differences(written, defaults) == []
+    assert differences(defaults, written) == [], "a key of pipelines/config.py is missing from params.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import assets.versions
+import pipelines.versions
 from assets.versions import HASH_CACHE, HashCache, content_hash
 from pipelines.io import RACY_NS, sha256_file
 
@@ -23,9 +23,9 @@ def _age(path: Path, seconds: float = 5.0) -> None:
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the files whose bytes are read by assets.versions."""
+    """Names of the files whose bytes are read by pipelines.versions."""
     hashed: list[str] = []
-    monkeypatch.setattr(assets.versions, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+    monkeypatch.setattr(pipelines.versions, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
     return hashed
 
 

@@ -80,7 +80,8 @@ def test_sensors_and_schedule(repo: dg.RepositoryDefinition) -> None:
     assert schedule.job_name == "lifecycle_job"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     # no hidden default automation sensor: every automated asset is covered by retrain_sensor
-    assert {s.name for s in repo.sensor_defs} == {"raw_data_sensor", "retrain_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {"raw_data_sensor", "retrain_sensor", "dvc_sync_sensor"}
+    assert repo.get_sensor_def("dvc_sync_sensor").default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_code_version_follows_the_stage_source(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.chat import render_prompt, tokenize_conversation
+from pipelines.chat import tokenize_conversation, tokenize_prompt
 from pipelines.config import EvaluateConfig, load_params
 from pipelines.evaluate import (
     Models,
@@ -88,8 +88,8 @@ def test_adapter_changes_the_model(loaded, tiny_tokenizer):
 def test_batched_generation_equals_one_at_a_time(loaded, which, batch_size):
     """Left padding must not change greedy outputs: prompts of different lengths share a batch."""
     models, tokenizer = loaded
-    prompts = [render_prompt(tokenizer, c) for c in CONVERSATIONS]
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # padding really happens
+    prompts = [tokenize_prompt(tokenizer, c).input_ids for c in CONVERSATIONS]
+    assert len({len(p) for p in prompts}) > 1  # padding really happens
     with models.use(which) as model:
         batched = generate_ids(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=10)
         single = [generate_ids(model, tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]

@@ -54,14 +54,14 @@ def test_touching_a_file_is_not_a_change(project: Path) -> None:
 
 
 def test_unchanged_files_are_not_read_again(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import assets.versions
+    import pipelines.versions
 
     raw = project.parent / "data" / "raw"
     (raw / "b.jsonl").write_text(json.dumps(ROW) + "\n")
     cursor = tick(project, None).cursor
     hashed: list[str] = []
-    real = assets.versions.sha256_file
-    monkeypatch.setattr(assets.versions, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = pipelines.versions.sha256_file
+    monkeypatch.setattr(pipelines.versions, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     (raw / "b.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n")
     assert tick(project, cursor).run_requests
     assert hashed == ["b.jsonl"]  # a.jsonl: same size, mtime and ctime, its recorded hash is reused

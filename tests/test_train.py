@@ -18,11 +18,13 @@ import pytest
 import torch
 import yaml
 
-from pipelines import train
+from pipelines import checkpoints, cpu_speedups, train, train_env
 from pipelines.config import ConfigError, load_params
 from pipelines.io import StageError, read_json
-from pipelines.train import CountingCollator, TrainEnv, encode_example, encode_split, to_dataset
-from tests.conftest import REPO
+from pipelines.stages import BY_NAME
+from pipelines.train import CountingCollator, encode_example, encode_split, to_dataset
+from pipelines.train_env import TrainEnv
+from tests.conftest import REPO, skip_for_hardware
 
 CPU = TrainEnv.resolve(device="cpu", num_threads=1)
 
@@ -139,9 +141,9 @@ def test_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(ti
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    assert train.score_only_label_positions()
+    assert cpu_speedups.score_only_label_positions()
     compact = trl_utils._use_triton
-    every_position = compact._original
+    every_position = compact._fenced_original
     assert compact(torch.device("cpu")) and not every_position(torch.device("cpu"))
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (3, 20))  # (batch, seq)
@@ -186,7 +188,7 @@ def test_label_head_function_matches_cross_entropy_across_tiles():
     weight = (torch.randn(500, 24) * 0.3).requires_grad_()
     targets = torch.randint(0, 500, (70,))
     upstream = torch.randn(70)  # any incoming gradient, not only the mean loss's
-    log_probs, entropy, is_top1 = train._label_log_prob_function().apply(hidden, weight, targets)
+    log_probs, entropy, is_top1 = cpu_speedups._label_log_prob_function().apply(hidden, weight, targets)
     (log_probs * upstream).sum().backward(retain_graph=True)
     got = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -221,9 +223,9 @@ def test_plain_cpu_head_matches_trl_fused_head(tiny_model_dir, monkeypatch):
         fallback = model.forward
         model.forward = lambda *a, _f=fallback, _calls=calls, **k: _calls.append(1) or _f(*a, **k)  # TRL head calls
         if name != "trl":
-            assert train.plain_head_on_cpu(model)
+            assert cpu_speedups.plain_head_on_cpu(model)
         if name.endswith("limit"):
-            monkeypatch.setattr(train, "PLAIN_HEAD_MAX_LABELS", 5)
+            monkeypatch.setattr(cpu_speedups, "PLAIN_HEAD_MAX_LABELS", 5)
         out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
         (-out.log_probs.sum() / out.label_mask.sum()).backward()  # the loss as TRL's compute_loss forms it
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -285,7 +287,11 @@ def test_loss_goes_down_and_outputs_are_complete(tmp_path, tiny_model_dir):
     evals = [h["eval_loss"] for h in read_json(out / "train_log.json") if "eval_loss" in h]
     assert m["steps"] == 24 and m["final_eval_loss"] < evals[0]
     assert 0 < m["padding_efficiency"] <= 1 and m["tokens_seen"] <= m["token_slots"]
-    assert m["trained_tokens"] < m["tokens_seen"] and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert m["trained_tokens"] < m["tokens_seen"]
+    timings = {k: result.metrics[k] for k in train.TIMINGS if k in result.metrics}
+    assert timings["tokens_per_s"] > 0 and timings["peak_rss_mb"] > 0 and timings["step_time_s"] > 0
+    assert not set(timings) & set(m), "timings must stay out of the adapter folder (the same run, the same bytes)"
+    assert not [k for entry in read_json(out / "train_log.json") for k in entry if k.endswith("_runtime")]
     assert 0 < m["trainable_params"] < m["total_params"]
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "train_log.json",
@@ -335,9 +341,9 @@ def test_missing_splits_name_the_stage(tmp_path, tiny_model_dir):
 
 # ------------------------------------------------------------------------------------------------ QLoRA / 4-bit
 def test_qlora_trains_on_a_4bit_base(tmp_path, tiny_model_dir):
-    reason = train.four_bit_unsupported("cpu")
+    reason = train_env.four_bit_unsupported("cpu")
     if reason:
-        pytest.skip(f"bitsandbytes cannot quantise to 4-bit on this CPU: {reason}")
+        skip_for_hardware(f"bitsandbytes cannot quantise to 4-bit on this CPU: {reason}")
     params = load_params(make_project(tmp_path, tiny_model_dir, {"method": "qlora", "max_steps": 3}))
     model = train.load_model(params.path("base_model"), params.train, CPU)
     assert model.is_loaded_in_4bit and model.config.quantization_config.bnb_4bit_quant_type == "nf4"
@@ -348,7 +354,7 @@ def test_qlora_trains_on_a_4bit_base(tmp_path, tiny_model_dir):
 
 
 def test_qlora_without_4bit_support_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(train, "four_bit_unsupported", lambda device: "no CPU backend")
+    monkeypatch.setattr(train_env, "four_bit_unsupported", lambda device: "no CPU backend")
     params = load_params(make_project(tmp_path, tiny_model_dir, {"method": "qlora"}))
     # preflight (before any model is loaded) says it in one sentence; ConfigError and StageError are both user errors
     with pytest.raises((StageError, ConfigError), match=r"needs 4-bit.*no CPU backend.*lora"):
@@ -369,14 +375,14 @@ def test_resume_after_kill_continues_from_the_checkpoint(tmp_path, tiny_model_di
     cmd, env = _train_cmd(params_file)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    run_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
+    run_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
     deadline = time.monotonic() + 120
     while not list(run_dir.glob("checkpoint-*/fingerprint.json")) and time.monotonic() < deadline:
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up, no final save
     proc.wait()
-    complete = sorted(train._step(p.parent) for p in run_dir.glob("checkpoint-*/fingerprint.json"))
+    complete = sorted(checkpoints.step_of(p.parent) for p in run_dir.glob("checkpoint-*/fingerprint.json"))
     assert complete and complete[-1] < 60
     assert not params.path("adapter").exists()
 
@@ -400,7 +406,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir
     LoRA dropout is on (0.05 here; the params default is 0), so the restored RNG state matters too. Measured: 0.0
     (bit-exact: same machine, one thread, same kernels). Tolerance: max |A - B| <= 1e-5 x the largest adapter weight
     (~2e-6 here, ~100 float32 ulps at that size) to absorb harmless reduction-order noise; a resume that
-    trains on other batches (the bug `train._epoch_seeded` fixes) differs by ~5e-2, 20 % of the weights' scale.
+    trains on other batches (the bug `cpu_speedups.epoch_seeded` fixes) differs by ~5e-2, 20 % of the weights' scale.
     """
     from safetensors.torch import load_file
 
@@ -414,11 +420,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir
     cmd, env = _train_cmd(params_file)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path / "b", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    run_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
-    assert run_dir.name == (uninterrupted.path("checkpoints") / train.run_fingerprint(uninterrupted)["run_hash"]).name
+    run_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
+    assert run_dir.name == checkpoints.run_fingerprint(uninterrupted)["run_hash"]
     deadline = time.monotonic() + 180
     try:
-        while not [p for p in run_dir.glob("checkpoint-*/fingerprint.json") if train._step(p.parent) >= 10]:
+        while not [p for p in run_dir.glob("checkpoint-*/fingerprint.json") if checkpoints.step_of(p.parent) >= 10]:
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.02)
@@ -454,23 +460,23 @@ def test_the_run_hash_covers_the_training_code(tmp_path, tiny_model_dir, monkeyp
     """A rerun after a change to the training code (DVC reruns the stage) must not resume the old checkpoints."""
     import hashlib
 
-    from pipelines import chat
 
     params = load_params(make_project(tmp_path, tiny_model_dir))
-    before = train.run_fingerprint(params)
-    code = Path(train.__file__).read_bytes() + Path(chat.__file__).read_bytes()
+    before = checkpoints.run_fingerprint(params)
+    code = b"".join((REPO / f).read_bytes() for f in BY_NAME["train"].code_files())
     assert before["parts"]["code"] == hashlib.sha256(code).hexdigest()
+    assert "pipelines/chat.py" in BY_NAME["train"].code_files()
     real = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (b"# edited" if self.name == "chat.py" else b""))
-    assert train.run_fingerprint(params)["run_hash"] != before["run_hash"]
+    assert checkpoints.run_fingerprint(params)["run_hash"] != before["run_hash"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_model_dir):
     params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 4}))
     train.run(params, CPU)
-    old_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
+    old_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
     changed = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 4, "learning_rate": 0.002}))
-    new_dir = params.path("checkpoints") / train.run_fingerprint(changed)["run_hash"]
+    new_dir = params.path("checkpoints") / checkpoints.run_fingerprint(changed)["run_hash"]
     assert new_dir != old_dir
     new_dir.mkdir(parents=True)
     shutil.copytree(old_dir / "checkpoint-4", new_dir / "checkpoint-4")  # e.g. copied by hand
@@ -523,3 +529,33 @@ def test_lora_on_smollm2_lowers_the_loss(tmp_path):
     result = train.run(params, TrainEnv.resolve(device="cpu"))
     curve = result.metrics["loss_curve"]["train_loss"]
     assert curve[-1] < curve[0] and result.metrics["padding_efficiency"] > 0.5
+
+
+def test_the_environment_is_declared_once():
+    """TrainEnv, the trainer resource, the PIPELINES_TRAIN_* variables and the README table all come from FIELDS."""
+    from dataclasses import fields
+
+    from pipelines.train_env import ENV_PREFIX, FIELDS, markdown_table
+    from resources.trainer import TrainerResource
+
+    names = [f.name for f in FIELDS]
+    assert [f.name for f in fields(TrainEnv)] == names
+    assert list(TrainerResource.model_fields) == names
+    for f in FIELDS:
+        assert TrainerResource.model_fields[f.name].default == f.default
+    assert set(TrainEnv.resolve(device="cpu").environ()) == {ENV_PREFIX + f.var for f in FIELDS}
+    assert markdown_table() in (REPO / "README.md").read_text(), "README's trainer table differs from FIELDS"
+
+
+def test_the_same_training_gives_the_same_adapter_bytes(tmp_path, tiny_model_dir):
+    """Timings live in the run record and the stage metrics, not in the adapter folder: a rerun of the same
+    training (a second door, a fresh checkpoint folder) writes byte-identical files, so nothing downstream of the
+    adapter looks changed to DVC or Dagster."""
+    from pipelines.io import sha256_tree
+
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2, "eval_steps": 1, "save_steps": 1}))
+    train.run(params, CPU)
+    first = sha256_tree(params.path("adapter"))
+    shutil.rmtree(params.path("checkpoints"))  # no resume: train again from scratch
+    train.run(params, CPU)
+    assert sha256_tree(params.path("adapter")) == first

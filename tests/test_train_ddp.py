@@ -8,7 +8,7 @@ from __future__ import annotations
 from pipelines import train
 from pipelines.config import load_params
 from pipelines.io import read_json
-from pipelines.train import TrainEnv
+from pipelines.train_env import TrainEnv
 from tests.test_train import make_project
 
 

@@ -8,11 +8,13 @@ Writes: paths.gguf/ model-<float_type>.gguf (llama.cpp's convert_hf_to_gguf.py),
         (llama-quantize, unless export.quant_type is null), Modelfile (Ollama, FROM the quantised file),
         GGUF.json (sizes, the check's figures and answers, the llama.cpp version; no timestamp).
 
-The check (`check_gguf`) starts llama-server on 127.0.0.1 with each file, sends every check prompt as text to
-/completion exactly as rendered by the model's chat template (pipelines.chat.render_prompt), decodes greedily
-(temperature 0) and compares the generated token ids with the merged model's own greedy ids (transformers, fp32,
-pipelines.evaluate.generate_ids). It also asks the server to tokenize each prompt, so a vocabulary or BOS
-difference shows as its own figure. The stage fails when the float file's match rate is below
+The check (`check_gguf`) starts llama-server on 127.0.0.1 with each file, sends every check prompt to /completion
+as the token ids the pipeline itself feeds the model (pipelines.chat.tokenize_prompt, via evaluate.build_examples),
+decodes greedily (temperature 0) and compares the generated token ids with the merged model's own greedy ids
+(transformers, fp32, pipelines.evaluate.generate_ids). It also asks the server to tokenize each rendered prompt
+text (/tokenize, special tokens parsed, BOS added if the GGUF asks for one) and compares with the Hugging Face
+tokenizer: that is what /v1/chat/completions does with the template it renders, so a vocabulary or BOS difference
+shows as its own figure. The stage fails when the float file's match rate is below
 export.min_float_match or the quantised file's below export.min_quant_match, keeping the previous folder.
 """
 
@@ -31,9 +33,9 @@ from typing import Any
 
 from pipelines import llama_cpp
 from pipelines.config import Params
-from pipelines.evaluate import _load_causal_lm, generate_ids, stop_token_ids
+from pipelines.evaluate import _load_causal_lm, build_examples, generate_ids, stop_token_ids
 from pipelines.io import StageError, StageResult, atomic_dir, require, write_json
-from pipelines.merged_model import check_prompts
+from pipelines.merged_model import check_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,10 @@ MODELFILE = "Modelfile"
 # ------------------------------------------------------------------------------------------ conversion
 
 
-def _tail(text: str, lines: int = 6) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+def _last_line(text: str) -> str:
+    """The last non-empty line of a tool's output: for a Python traceback, the exception and its message."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def convert(llama: llama_cpp.LlamaCpp, merged_dir: Path, out: Path, outtype: str) -> Path:
@@ -55,8 +59,8 @@ def convert(llama: llama_cpp.LlamaCpp, merged_dir: Path, out: Path, outtype: str
                            "--outfile", str(out)], capture_output=True, text=True, env=env)
     if done.returncode != 0 or not out.is_file():
         raise StageError(f"llama.cpp's convert_hf_to_gguf.py could not convert '{merged_dir}' (exit {done.returncode}:"
-                         f" {_tail(done.stderr or done.stdout)}); llama.cpp supports the architectures its converter "
-                         "lists (--print-supported-models)")
+                         f" {_last_line(done.stderr or done.stdout)}); it converts the architectures and tokenizers of "
+                         "the models it lists with --print-supported-models, so this model cannot go to GGUF")
     return out
 
 
@@ -66,7 +70,7 @@ def quantize(llama: llama_cpp.LlamaCpp, src: Path, out: Path, qtype: str, thread
                           capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         raise StageError(f"llama-quantize could not make a {qtype} file from '{src.name}' (exit {done.returncode}: "
-                         f"{_tail(done.stderr or done.stdout)}); choose another export.quant_type")
+                         f"{_last_line(done.stderr or done.stdout)}); choose another export.quant_type")
     return out
 
 
@@ -164,34 +168,37 @@ def server_args(gguf: Path, *, parallel: int = 1, ctx_per_slot: int = 4096, thre
             "--threads", str(threads), "--no-webui", "--seed", "0"]
 
 
-def greedy_completion(server: llama_cpp.LlamaServer, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
-    """(token ids, text) of llama-server's greedy continuation of `prompt` (temperature 0 keeps only the
-    highest logit; llama.cpp src/llama-sampler.cpp), stopping at an end-of-generation token."""
-    reply = server.post("/completion", {"prompt": prompt, "n_predict": max_new_tokens, "temperature": 0.0,
+def greedy_completion(server: llama_cpp.LlamaServer, prompt_ids: list[int], max_new_tokens: int
+                      ) -> tuple[list[int], str]:
+    """(token ids, text) of llama-server's greedy continuation of `prompt_ids` (temperature 0 keeps only the
+    highest logit: llama.cpp src/llama-sampler.cpp), stopping at an end-of-generation token. A prompt of ids gets
+    no BOS added (tools/server/README.md, POST /completion)."""
+    reply = server.post("/completion", {"prompt": prompt_ids, "n_predict": max_new_tokens, "temperature": 0.0,
                                         "top_k": 1, "return_tokens": True, "cache_prompt": False})
     return [int(t) for t in reply.get("tokens", [])], reply.get("content", "")
 
 
-def check_gguf(llama: llama_cpp.LlamaCpp, files: list[Path], merged_dir: Path, prompts: list[str], *,
+def check_gguf(llama: llama_cpp.LlamaCpp, files: list[Path], merged_dir: Path, rows: list[dict[str, Any]], *,
                max_new_tokens: int, trust_remote_code: bool = False) -> list[GgufCheck]:
-    """Each GGUF in llama-server vs the merged model in transformers, greedy, on `prompts` (rendered text)."""
+    """Each GGUF in llama-server vs the merged model in transformers, greedy, on the prompts of `rows`."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
+    examples = build_examples(rows, tokenizer)
     model = _load_causal_lm(merged_dir, trust_remote_code)
     stops = set(stop_token_ids(model, tokenizer))
-    expected = generate_ids(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=max_new_tokens,
-                            desc="merged (transformers)")
+    expected = generate_ids(model, tokenizer, [e.prompt_ids for e in examples], batch_size=len(examples),
+                            max_new_tokens=max_new_tokens, desc="merged (transformers)")
     del model
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     results = []
     for gguf in files:
         got, answers, mismatches, same_tokens = [], [], [], 0
         with llama_cpp.LlamaServer(llama.server, server_args(gguf)) as server:
-            for i, prompt in enumerate(prompts):
-                tokens = server.post("/tokenize", {"content": prompt, "add_special": True})["tokens"]
-                same_tokens += tokens == prompt_ids[i]
-                ids, text = greedy_completion(server, prompt, max_new_tokens)
+            for i, example in enumerate(examples):
+                text_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+                same_tokens += server.post("/tokenize", {"content": example.prompt, "add_special": True})[
+                    "tokens"] == text_ids
+                ids, text = greedy_completion(server, example.prompt_ids, max_new_tokens)
                 ids = ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
                 got.append(ids)
                 answers.append(text.strip())
@@ -199,9 +206,10 @@ def check_gguf(llama: llama_cpp.LlamaCpp, files: list[Path], merged_dir: Path, p
                     mismatches.append({"prompt": i, "expected": tokenizer.decode(expected[i], skip_special_tokens=True),
                                        "got": text})
         matches = sum(a == b for a, b in zip(got, expected, strict=True))
-        results.append(GgufCheck(file=gguf.name, size_mb=round(gguf.stat().st_size / 2**20, 1), n_prompts=len(prompts),
-                                 match_rate=matches / len(prompts), tokenizer_match_rate=same_tokens / len(prompts),
-                                 answers=answers, mismatches=mismatches))
+        results.append(GgufCheck(file=gguf.name, size_mb=round(gguf.stat().st_size / 2**20, 1),
+                                 n_prompts=len(examples), match_rate=matches / len(examples),
+                                 tokenizer_match_rate=same_tokens / len(examples), answers=answers,
+                                 mismatches=mismatches))
     return results
 
 
@@ -226,7 +234,7 @@ def run(params: Params) -> StageResult:
     from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=params.model.trust_remote_code)
-    prompts = check_prompts(params, tokenizer)
+    rows = check_rows(params)
     started = time.perf_counter()
     out = params.path("gguf")
     seconds: dict[str, float] = {}
@@ -246,7 +254,7 @@ def run(params: Params) -> StageResult:
         family = template_family(tokenizer, stops)
         (tmp / MODELFILE).write_text(modelfile(files[-1].name, family), encoding="utf-8")
         t = time.perf_counter()
-        checks = check_gguf(llama, files, merged_dir, prompts, max_new_tokens=cfg.max_new_tokens,
+        checks = check_gguf(llama, files, merged_dir, rows, max_new_tokens=cfg.max_new_tokens,
                             trust_remote_code=params.model.trust_remote_code)
         seconds["check"] = round(time.perf_counter() - t, 2)
         floors = [cfg.min_float_match] + [cfg.min_quant_match] * (len(checks) - 1)
@@ -254,7 +262,7 @@ def run(params: Params) -> StageResult:
                   if c.match_rate < floor]
         if failed:
             example = next((c.mismatches[0] for c in checks if c.mismatches), {})
-            raise StageError(f"the GGUF files in '{out}' do not answer like the merged model on {len(prompts)} test "
+            raise StageError(f"the GGUF files in '{out}' do not answer like the merged model on {len(rows)} test "
                              f"prompts (greedy match {', '.join(failed)}; e.g. prompt {example.get('prompt')}: "
                              f"expected {example.get('expected')!r}, llama.cpp said {example.get('got')!r}); the "
                              "previous folder is kept. Lower export.min_float_match / min_quant_match only if this "
@@ -264,7 +272,7 @@ def run(params: Params) -> StageResult:
             "modelfile_template": family.family, "stops": family.stops,
             "checks": [asdict(c) for c in checks],
         })
-    metrics: dict[str, Any] = {"modelfile_template": family.family, "check_prompts": len(prompts)}
+    metrics: dict[str, Any] = {"modelfile_template": family.family, "check_prompts": len(rows)}
     for c in checks:
         key = Path(c.file).stem.removeprefix("model-")
         metrics[f"{key}_match_rate"] = c.match_rate

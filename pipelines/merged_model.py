@@ -52,14 +52,14 @@ class MergeCheck:
     max_abs_logit_diff: float  # over every (prompt + reference answer) position and vocabulary entry
     tolerance: float
     greedy_match_rate: float  # share of prompts whose greedy token ids are identical
-    same_prompt_text: bool  # the merged folder's chat template renders the prompts exactly as the adapter's did
+    same_prompt_ids: bool  # the merged folder's tokenizer + template give the adapter's prompt token ids
     passed: bool
     answers: list[str]  # the merged model's greedy answers (text), for the card and the GGUF check
 
     def summary(self) -> str:
         return (f"max |logit difference| {self.max_abs_logit_diff:.3g} (tolerance {self.tolerance:g}), greedy "
                 f"answers identical on {self.greedy_match_rate:.0%} of {self.n_prompts} prompts"
-                + ("" if self.same_prompt_text else ", and the saved chat template renders the prompts differently"))
+                + ("" if self.same_prompt_ids else ", and the saved tokenizer gives other prompt ids"))
 
 
 def is_full_model(folder: Path) -> bool:
@@ -67,11 +67,10 @@ def is_full_model(folder: Path) -> bool:
     return not (folder / "adapter_config.json").exists() and (folder / "config.json").exists()
 
 
-def check_prompts(params: Params, tokenizer: Any) -> list[str]:
-    """The first `export.check_prompts` test conversations rendered up to the last assistant turn."""
+def check_rows(params: Params) -> list[dict[str, Any]]:
+    """The first `export.check_prompts` rows of the test split (conversations ending with a reference answer)."""
     test_path = require(params.path("splits") / "test.jsonl", "split")
-    rows = _read_test_rows(test_path, params.export.check_prompts)
-    return [example.prompt for example in build_examples(rows, tokenizer)]
+    return _read_test_rows(test_path, params.export.check_prompts)
 
 
 def max_logit_diff(a: Any, b: Any, sequences: list[list[int]], pad_id: int) -> float:
@@ -86,13 +85,15 @@ def max_logit_diff(a: Any, b: Any, sequences: list[list[int]], pad_id: int) -> f
     return float((la - lb).abs()[real].max())
 
 
-def check_merged(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: list[str], *, max_new_tokens: int,
-                 tolerance: float, trust_remote_code: bool = False) -> MergeCheck:
-    """Load the merged folder and base + adapter from disk and compare them on `prompts`.
+def check_merged(merged_dir: Path, base_dir: Path, adapter_dir: Path, rows: list[dict[str, Any]], *,
+                 max_new_tokens: int, tolerance: float, trust_remote_code: bool = False) -> MergeCheck:
+    """Load the merged folder and base + adapter from disk and compare them on the prompts of `rows`
+    (conversations ending with an assistant turn; the prompt is everything before it, as evaluate builds it).
 
-    Both models generate greedily (the same batching, so the same padding); the logits are then compared
-    teacher-forced on prompt + the reference's answer. Returns the figures; `passed` needs the max abs logit
-    difference <= tolerance, identical greedy token ids on every prompt and identical prompt rendering.
+    Each model gets its prompts tokenized by its own folder's tokenizer (pipelines.chat.tokenize_prompt) and
+    generates greedily (the same batching, so the same padding); the logits are then compared teacher-forced on
+    prompt + the reference's answer. Returns the figures; `passed` needs the max abs logit difference <=
+    tolerance, identical greedy token ids on every prompt and identical prompt token ids.
     """
     from transformers import AutoTokenizer
 
@@ -100,20 +101,19 @@ def check_merged(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: l
                                            trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
     merged = _load_causal_lm(merged_dir, trust_remote_code)
-    same_text = all(ref_tokenizer(p, add_special_tokens=False)["input_ids"]
-                    == tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    ref_prompts = [e.prompt_ids for e in build_examples(rows, ref_tokenizer)]
+    prompts = [e.prompt_ids for e in build_examples(rows, tokenizer)]
     kwargs = {"batch_size": len(prompts), "max_new_tokens": max_new_tokens}
     with reference.use("fine_tuned") as ref_model:
-        ref_ids = generate_ids(ref_model, ref_tokenizer, prompts, desc="base+adapter", **kwargs)
-        sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] + ids for p, ids in zip(prompts, ref_ids,
-                                                                                                strict=True)]
+        ref_ids = generate_ids(ref_model, ref_tokenizer, ref_prompts, desc="base+adapter", **kwargs)
+        sequences = [p + ids for p, ids in zip(ref_prompts, ref_ids, strict=True)]
         diff = max_logit_diff(merged, ref_model, sequences, _pad_id(tokenizer))
     merged_ids = generate_ids(merged, tokenizer, prompts, desc="merged", **kwargs)
     matches = sum(a == b for a, b in zip(ref_ids, merged_ids, strict=True))
-    rate = matches / len(prompts)
+    same_prompts = prompts == ref_prompts
     return MergeCheck(
-        n_prompts=len(prompts), max_abs_logit_diff=diff, tolerance=tolerance, greedy_match_rate=rate,
-        same_prompt_text=same_text, passed=diff <= tolerance and matches == len(prompts) and same_text,
+        n_prompts=len(prompts), max_abs_logit_diff=diff, tolerance=tolerance, greedy_match_rate=matches / len(prompts),
+        same_prompt_ids=same_prompts, passed=diff <= tolerance and matches == len(prompts) and same_prompts,
         answers=[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in merged_ids],
     )
 
@@ -180,7 +180,7 @@ def run(params: Params) -> StageResult:
     trust = params.model.trust_remote_code
     started = time.perf_counter()
     model, tokenizer = merge(base_dir, adapter_dir, trust_remote_code=trust)
-    prompts = check_prompts(params, tokenizer)
+    rows = check_rows(params)
     stops = stop_token_ids(model, tokenizer)
     promoted = read_json(adapter_dir / PROMOTED_MANIFEST) if (adapter_dir / PROMOTED_MANIFEST).exists() else {}
     base_source = read_json(base_dir / "source.json") if (base_dir / "source.json").exists() else {}
@@ -192,7 +192,7 @@ def run(params: Params) -> StageResult:
         tokenizer.save_pretrained(tmp)
         del model
         merge_seconds = time.perf_counter() - started
-        check = check_merged(tmp, base_dir, adapter_dir, prompts, max_new_tokens=cfg.max_new_tokens,
+        check = check_merged(tmp, base_dir, adapter_dir, rows, max_new_tokens=cfg.max_new_tokens,
                              tolerance=cfg.merge_tolerance, trust_remote_code=trust)
         if not check.passed:
             raise StageError(f"the merged model in '{out}' does not reproduce base + adapter: {check.summary()}; "
@@ -219,5 +219,5 @@ def run(params: Params) -> StageResult:
     })
 
 
-__all__ = ["MANIFEST", "MergeCheck", "check_merged", "check_prompts", "is_full_model", "max_logit_diff", "merge",
+__all__ = ["MANIFEST", "MergeCheck", "check_merged", "check_rows", "is_full_model", "max_logit_diff", "merge",
            "model_card", "run"]

@@ -49,7 +49,8 @@ from pathlib import Path
 from types import FrameType
 
 from pipelines import llama_cpp
-from pipelines.config import Params
+from pipelines.config import Params, load_params
+from pipelines.errors import UserError
 from pipelines.io import StageError, atomic_path, sha256_tree
 
 MERGED_NAME = "fine-tuned"  # the served model's name (OpenAI `model`) for the merged model
@@ -225,6 +226,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: llama-server's)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines serve [...]`; a user error (no GGUF, no build, a bad adapter) exits 2 in one sentence."""
+    args = parser().parse_args(argv)
+    try:
+        return command(args, load_params(args.params))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def command(args: argparse.Namespace, params: Params) -> int:

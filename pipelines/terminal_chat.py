@@ -14,7 +14,7 @@ Commands inside the chat:
     /adapters       list the loaded adapters
     /quit           leave (also Ctrl-D); Ctrl-C stops the answer being generated
 
-Prompts are rendered with the tokenizer's own chat template (pipelines.chat.render), decoding is greedy unless
+Prompts are rendered with the tokenizer's own chat template (pipelines.chat.tokenize_prompt), decoding is greedy unless
 --temperature > 0, and an answer stops at the template's end-of-turn token or the EOS
 (pipelines.evaluate.stop_token_ids), exactly as in the evaluation. Tokens are printed as they are generated
 (transformers' TextIteratorStreamer, generation in a background thread).
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.chat import render
-from pipelines.config import Params
+from pipelines.chat import tokenize_prompt
+from pipelines.config import Params, load_params
+from pipelines.errors import UserError
 from pipelines.evaluate import _load_causal_lm, stop_token_ids
 from pipelines.io import StageError
 
@@ -98,8 +99,10 @@ class ChatSession:
         return [*system, *self.history, {"role": "user", "content": user}]
 
     def prompt_ids(self, user: str) -> list[int]:
-        text = render(self.tokenizer, self.messages(user), add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The conversation + `user` as the model gets it: pipelines.chat.tokenize_prompt, the prompt of an (empty)
+        assistant turn, so the template adaptations and the encoding are the evaluation's and training's (text
+        such as "<|im_end|>" typed by the user stays text, not a control token)."""
+        return tokenize_prompt(self.tokenizer, [*self.messages(user), {"role": "assistant", "content": ""}]).input_ids
 
     def stream(self, user: str, stop: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer to `user` piece by piece as it is generated; the turn is added to the history."""
@@ -240,8 +243,17 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines chat [...]`: load, then talk until /quit or end of input; a user error exits 2."""
+    args = parser().parse_args(argv)
+    try:
+        return command(args, load_params(args.params))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def command(args: argparse.Namespace, params: Params) -> int:
-    """`python -m pipelines chat`: load, then talk until /quit or end of input."""
     session = load_session(params, model_dir=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature)
     if sys.stdin.isatty():

@@ -12,7 +12,7 @@ import threading
 import pexpect
 import pytest
 
-from pipelines.chat import render
+from pipelines.chat import tokenize_prompt
 from pipelines.config import load_params
 from pipelines.evaluate import generate, load_models
 from pipelines.terminal_chat import ChatSession, resolve_adapter
@@ -31,8 +31,9 @@ def project(tmp_path_factory, tiny_model_dir):
 
 
 def greedy(model_dir, adapter_dir, messages, which):
+    """The evaluation's greedy answer to `messages` (pipelines.evaluate: prompt ids from pipelines.chat)."""
     models, tokenizer = load_models(model_dir, adapter_dir, full=False)
-    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    prompt = tokenize_prompt(tokenizer, [*messages, {"role": "assistant", "content": "x"}]).input_ids
     with models.use(which) as model:
         return generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=MAX_NEW)[0]
 

@@ -50,38 +50,38 @@ def test_merge_reproduces_base_plus_adapter(tiny_project):
     assert card.startswith("---\n") and "library_name: transformers" in card and "Merge check on 3" in card
 
 
+HELLO = [{"messages": [{"role": "user", "content": "hello <|im_end|> there"}, {"role": "assistant", "content": "ok"}]}]
+
+
 def test_merged_folder_loads_without_peft_and_answers_like_the_adapter(tiny_project, tiny_model_dir):
-    from pipelines.evaluate import generate, load_models
+    from pipelines.evaluate import build_examples, generate, load_models
 
     merged_model.run(tiny_project)
     check = merged_model.check_merged(tiny_project.path("merged"), tiny_model_dir, tiny_project.path("promoted"),
-                                      ["<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"],
-                                      max_new_tokens=6, tolerance=1e-4)
+                                      HELLO, max_new_tokens=6, tolerance=1e-4)
     models, tokenizer = load_models(tiny_model_dir, tiny_project.path("promoted"), full=False)
     with models.use("base") as base:
-        base_answer = generate(base, tokenizer, ["<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"],
+        base_answer = generate(base, tokenizer, [e.prompt_ids for e in build_examples(HELLO, tokenizer)],
                                batch_size=1, max_new_tokens=6)
-    assert check.passed and check.answers != base_answer  # the merged model is the adapter's, not the base's
+    assert check.passed and check.same_prompt_ids and check.answers != base_answer  # the adapter's answers
 
 
 def test_merge_check_fails_on_another_base(tiny_project, tmp_path):
-    """The check can fail: the same adapter on a differently initialised base gives other logits."""
-    from tests.conftest import build_tiny_model
-
-    merged_model.run(tiny_project)
+    """The check can fail: the same adapter on a perturbed base gives other logits."""
     import torch
-
-    torch.manual_seed(123)
-    other = build_tiny_model(tmp_path / "other")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(other)
+    merged_model.run(tiny_project)
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(tiny_project.path("base_model"))
+    torch.manual_seed(123)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(other)
-    check = merged_model.check_merged(tiny_project.path("merged"), other, tiny_project.path("promoted"),
-                                      ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"],
+    shutil.copy(tiny_project.path("base_model") / "tokenizer.json", other)
+    shutil.copy(tiny_project.path("base_model") / "tokenizer_config.json", other)
+    check = merged_model.check_merged(tiny_project.path("merged"), other, tiny_project.path("promoted"), HELLO,
                                       max_new_tokens=4, tolerance=1e-3)
     assert not check.passed and check.max_abs_logit_diff > 1e-2
 
@@ -197,6 +197,15 @@ def test_gguf_metadata_is_what_llama_cpp_needs(exported):
 
     assert "<|im_start|>" in value("tokenizer.chat_template")
     assert value("tokenizer.ggml.eos_token_id") == 2 and value("tokenizer.ggml.add_bos_token") is False
+
+
+def test_export_gguf_of_a_vocabulary_llama_cpp_does_not_know_fails_in_one_sentence(tiny_project):
+    """The tiny test tokenizer is no model llama.cpp's converter knows: the stage says so and writes nothing."""
+    merged_model.run(tiny_project)
+    with pytest.raises(StageError, match=r"convert_hf_to_gguf.py could not convert .*BPE pre-tokenizer was not "
+                       r"recognized.*--print-supported-models") as error:
+        gguf_model.run(tiny_project)
+    assert "\n" not in str(error.value) and not tiny_project.path("gguf").exists()
 
 
 def test_export_gguf_without_merged_model_says_run_merge(tmp_path):

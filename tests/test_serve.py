@@ -22,7 +22,7 @@ import pytest
 from openai import OpenAI
 
 from pipelines import llama_cpp, serve
-from pipelines.chat import render_prompt
+from pipelines.chat import tokenize_prompt
 from pipelines.evaluate import _load_causal_lm, generate
 from tests.conftest import REPO, demo_conversations
 
@@ -80,7 +80,7 @@ def pipeline_answer(exported):
     params = exported[0]
     merged = params.path("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    prompt = render_prompt(tokenizer, TICKET)
+    prompt = tokenize_prompt(tokenizer, TICKET).input_ids
     return generate(_load_causal_lm(merged, False), tokenizer, [prompt], batch_size=1,
                     max_new_tokens=params.export.max_new_tokens)[0]
 
@@ -141,7 +141,7 @@ def test_adapters_share_one_base_as_gguf_loras(exported, pipeline_answer):
     params = exported[0]
     base_dir = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base_answer = generate(_load_causal_lm(base_dir, False), tokenizer, [render_prompt(tokenizer, TICKET)],
+    base_answer = generate(_load_causal_lm(base_dir, False), tokenizer, [tokenize_prompt(tokenizer, TICKET).input_ids],
                            batch_size=1, max_new_tokens=params.export.max_new_tokens)[0]
     process, url = start_serve(params, "--adapters", "promoted", "--parallel", "2")
     try:

@@ -1,7 +1,7 @@
 """When things run: two jobs, a sensor on the raw files, content-driven retraining, a weekly schedule.
 
     data_job        observe raw_files, then raw_examples -> cleaned_examples -> formatted_dataset -> dataset_splits
-    lifecycle_job   everything, base model to promoted adapter (the weekly schedule runs it)
+    lifecycle_job   everything, base model to GGUF files (the weekly schedule runs it)
 
 Nothing runs because a clock ticked or a file was touched, only because content changed:
 1. `raw_data_sensor` (every 30 s) hashes every file ingest reads in paths.raw_dir (sha256 of the bytes;
@@ -14,8 +14,10 @@ Nothing runs because a clock ticked or a file was touched, only because content 
    file whose rows the cleaner drops as duplicates leaves dataset_splits byte-identical, so its version
    is unchanged and no training starts. Training waits for the blocking checks upstream (no leakage,
    formatted schema); train, evaluate and promote go as one run, in which a failing
-   `fine_tuned_beats_base` stops promotion. A failed run is not retried automatically: the next
-   change of the splits, or a click in the UI, starts the next one.
+   `fine_tuned_beats_base` stops promotion. A newly promoted adapter is then merged (`merged_model`) and
+   exported (`gguf_model`) in the same run, the blocking `reproduces_adapter` check standing between the
+   two. A failed run is not retried automatically: the next change of the splits, or a click in the UI,
+   starts the next one.
 
 Both sensors default to RUNNING: with the UI open, a user who drops a file into data/raw expects the
 graph to follow, and neither sensor can start work unless data content changed (the raw sensor's
@@ -35,7 +37,7 @@ from pipelines.stages import upstream_assets
 from resources.project import ProjectResource
 
 DATA_ASSETS = ("raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits")
-RETRAINED = ("lora_adapter", "evaluation_report", "promoted_adapter")
+RETRAINED = ("lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model")
 
 
 def rebuild_when_inputs_change(*watched: str) -> dg.AutomationCondition:
@@ -103,7 +105,7 @@ retrain_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.assets(*RETRAINED) | dg.AssetSelection.checks_for_assets(*RETRAINED),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Retrains, evaluates and promotes when the content of dataset_splits changes "
+    description="Retrains, evaluates, promotes and exports when the content of dataset_splits changes "
     "(see rebuild_when_inputs_change).",
 )
 

@@ -4,6 +4,7 @@ each with its evidence in metadata. Blocking checks stop the rest of the run whe
     formatted_dataset / schema                  nothing malformed reaches the split or the trainer
     dataset_splits / no_leakage                 no duplicate straddles train and evaluation splits
     evaluation_report / fine_tuned_beats_base   only an adapter that beats the base gets promoted
+    merged_model / reproduces_adapter           only a merge that equals base + adapter is exported
 """
 
 # No `from __future__ import annotations`: Dagster reads the `context` annotation of a check at decoration time.
@@ -22,6 +23,7 @@ import pandera.pandas as pa
 from assets.automation import CHECK_WITH_ASSET
 from assets.data import base_model, cleaned_examples, dataset_splits, formatted_dataset, raw_examples, raw_files
 from assets.evaluation import evaluation_report, promoted_adapter
+from assets.export import gguf_model, merged_model
 from assets.metadata import mapping_table, md_table
 from assets.stage import FORCE_TAG
 from assets.training import lora_adapter
@@ -457,9 +459,67 @@ def base_model_loads(project: ProjectResource) -> dg.AssetCheckResult:
     )
 
 
+# ----------------------------------------------------------------------------------------- export
+
+
+@dg.asset_check(asset=merged_model, name="reproduces_adapter", blocking=True, automation_condition=CHECK_WITH_ASSET,
+                description="MERGED.json: on the first test prompts the merged folder's logits equal base + adapter's "
+                "within export.merge_tolerance and its greedy answers are identical, and it was merged from the "
+                "adapter promoted now; blocks the GGUF export.")
+def merged_model_reproduces_adapter(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.merged_model import MANIFEST
+    from pipelines.promote import MANIFEST as PROMOTED
+
+    params = project.params()
+    path = params.path("merged") / MANIFEST
+    if not path.is_file():
+        return _missing(path, "merged_model")
+    record = read_json(path)
+    check = record.get("check", {})
+    promoted = params.path("promoted") / PROMOTED
+    current = read_json(promoted).get("adapter_sha256") if promoted.is_file() else None
+    diff = check.get("max_abs_logit_diff")
+    within = isinstance(diff, (int, float)) and diff <= params.export.merge_tolerance
+    passed = bool(check.get("passed")) and within and record.get("adapter_sha256") == current
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"max_abs_logit_diff": dg.MetadataValue.text(str(diff)),
+                  "merge_tolerance": params.export.merge_tolerance,
+                  "greedy_match_rate": dg.MetadataValue.text(str(check.get("greedy_match_rate"))),
+                  "check_prompts": check.get("n_prompts", 0),
+                  "adapter_sha256": str(record.get("adapter_sha256"))[:16],
+                  "promoted_sha256": str(current)[:16]},
+    )
+
+
+@dg.asset_check(asset=gguf_model, name="answers_like_merged", automation_condition=CHECK_WITH_ASSET,
+                description="GGUF.json: each GGUF file exists and its greedy answers in llama-server equal the merged "
+                "model's on at least export.min_float_match (f16/bf16) or export.min_quant_match (quantised) of the "
+                "check prompts.")
+def gguf_model_answers_like_merged(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.gguf_model import MANIFEST, MODELFILE
+
+    params = project.params()
+    folder = params.path("gguf")
+    path = folder / MANIFEST
+    if not path.is_file():
+        return _missing(path, "gguf_model")
+    checks = read_json(path).get("checks", [])
+    rows, passed = [], bool(checks) and (folder / MODELFILE).is_file()
+    for i, c in enumerate(checks):
+        floor = params.export.min_float_match if i == 0 else params.export.min_quant_match
+        ok = (folder / c["file"]).is_file() and c["match_rate"] >= floor
+        passed &= ok
+        rows.append({"file": c["file"], "size_mb": c["size_mb"], "greedy_match": c["match_rate"], "floor": floor,
+                     "tokenizer_match": c["tokenizer_match_rate"], "ok": ok})
+    return dg.AssetCheckResult(passed=passed, metadata={"files": dg.MetadataValue.md(md_table(rows)),
+                                                         "modelfile": (folder / MODELFILE).is_file()})
+
+
 CHECKS = [
     raw_files_has_data_files, base_model_loads, raw_examples_schema, raw_examples_bad_row_share,
     cleaned_examples_schema, cleaned_examples_no_exact_duplicates, formatted_dataset_schema,
     dataset_splits_no_leakage, dataset_splits_schema, dataset_splits_non_empty,
     lora_adapter_loads, lora_adapter_eval_loss_finite, fine_tuned_beats_base, promoted_adapter_matches_evaluated,
+    merged_model_reproduces_adapter, gguf_model_answers_like_merged,
 ]

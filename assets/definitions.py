@@ -7,6 +7,7 @@
 Graph (groups):  data: raw_files (observed) -> raw_examples -> cleaned_examples -> formatted_dataset -> dataset_splits
                  training: base_model -> formatted_dataset; dataset_splits + base_model -> lora_adapter
                  evaluation: lora_adapter -> evaluation_report -> promoted_adapter
+                 export: promoted_adapter + base_model -> merged_model -> gguf_model
 Jobs, sensors and the schedule are described in assets/automation.py; checks in assets/checks.py.
 """
 
@@ -28,6 +29,7 @@ from assets.automation import (
 from assets.checks import CHECKS
 from assets.data import DATA_ASSETS
 from assets.evaluation import EVALUATION_ASSETS
+from assets.export import EXPORT_ASSETS
 from assets.training import TRAINING_ASSETS
 from resources.project import ProjectResource
 from resources.trainer import TrainerResource
@@ -38,7 +40,7 @@ from resources.trainer import TrainerResource
 STEP_EXECUTOR = dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}})
 
 defs = dg.Definitions(
-    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS],
+    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *EXPORT_ASSETS],
     asset_checks=CHECKS,
     jobs=[data_job, lifecycle_job, checks_job],
     sensors=[raw_data_sensor, retrain_sensor, dvc_sync_sensor],

@@ -158,6 +158,31 @@ STAGES: tuple[Stage, ...] = (
         inputs=("metrics", "adapter"), outputs=("promoted",), code=("pipelines.metrics",), kinds=("huggingface",),
         rebuild_on=("evaluation_report",),
     ),
+    Stage(
+        name="merge", module="pipelines.merged_model", asset="merged_model", group="export",
+        help="merge the promoted adapter into the base; check it reproduces base + adapter",
+        description="The promoted adapter merged into the base model (peft merge_and_unload, fp32) as a plain "
+        "Hugging Face folder with tokenizer, chat template, stop tokens and a model card; its logits and greedy "
+        "answers on the first test prompts equal base + adapter's (MERGED.json).",
+        params=("export.check_prompts", "export.max_new_tokens", "export.merge_tolerance", "model.trust_remote_code"),
+        inputs=("promoted", "base_model", "splits"), outputs=("merged",),
+        code=("pipelines.evaluate", "pipelines.chat", "pipelines.promote", "pipelines.runcard"),
+        kinds=("huggingface", "safetensors"), rebuild_on=("promoted_adapter",),
+    ),
+    Stage(
+        name="export-gguf", module="pipelines.gguf_model", asset="gguf_model", group="export",
+        help="convert the merged model to GGUF with llama.cpp + an Ollama Modelfile; check it in llama-server",
+        description="The merged model converted by llama.cpp's own convert_hf_to_gguf.py (f16 or bf16) and "
+        "quantised by llama-quantize, with an Ollama Modelfile; each file's greedy answers in llama-server are "
+        "compared with the merged model's (match rates and sizes in GGUF.json).",
+        params=("export.check_prompts", "export.max_new_tokens", "export.float_type", "export.quant_type",
+                "export.min_float_match", "export.min_quant_match", "export.push_to_hub", "export.hub_repo_id",
+                "export.hub_private", "model.trust_remote_code"),
+        inputs=("merged", "splits"), outputs=("gguf",),
+        code=("pipelines.llama_cpp", "pipelines.merged_model", "pipelines.evaluate", "pipelines.chat",
+              "pipelines.hub"),
+        kinds=("llama.cpp", "gguf", "ollama"), rebuild_on=("merged_model",),
+    ),
 )
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}

@@ -13,10 +13,11 @@ from tests.conftest import REPO
 
 ASSETS = {
     "raw_files", "base_model", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits",
-    "lora_adapter", "evaluation_report", "promoted_adapter",
+    "lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model",
 }
 BLOCKING = {
     ("formatted_dataset", "schema"), ("dataset_splits", "no_leakage"), ("evaluation_report", "fine_tuned_beats_base"),
+    ("merged_model", "reproduces_adapter"),
 }
 
 
@@ -53,7 +54,7 @@ def test_blocking_checks_are_the_gates(repo: dg.RepositoryDefinition) -> None:
 def test_assets_are_documented_and_versioned(repo: dg.RepositoryDefinition, key: str) -> None:
     node = repo.asset_graph.get(dg.AssetKey(key))
     assert node.description and len(node.description) > 40
-    assert node.group_name in {"data", "training", "evaluation"}
+    assert node.group_name in {"data", "training", "evaluation", "export"}
     assert node.code_version and len(node.code_version) == 12
     assert node.kinds
 
@@ -121,7 +122,7 @@ def test_new_splits_content_retrains_evaluates_and_promotes_in_one_request(train
         _materialized(instance, "dataset_splits", "v2")
         result = dg.evaluate_automation_conditions(defs, instance=instance, cursor=result.cursor)
         requested = {key.to_user_string() for key in (dg.AssetKey(a) for a in ASSETS) if result.get_num_requested(key)}
-        assert requested == {"lora_adapter", "evaluation_report", "promoted_adapter"}
+        assert requested == {"lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model"}
 
 
 @pytest.mark.parametrize("leak_check_passed", [True, False])

@@ -4,6 +4,7 @@ and the command line are derived from it, and every params key a stage reads is 
 from __future__ import annotations
 
 import importlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,12 @@ def test_each_stage_reads_only_declared_params(lifecycle_project: Path) -> None:
         seen: set[str] = set()
         try:
             importlib.import_module(stage.module).run(Recorder(params, "", seen))
-        except UserError:  # the tiny model fails the promotion gate: the keys were read by then
-            assert stage.name == "promote", stage.name
+        except UserError:  # the keys were read by then
+            # the tiny model fails the promotion gate: promote its adapter by hand so merge runs for real; llama.cpp's
+            # converter does not know the tiny test vocabulary, so export-gguf stops after the merged model
+            assert stage.name in ("promote", "export-gguf"), stage.name
+            if stage.name == "promote":
+                shutil.copytree(params.path("adapter"), params.path("promoted"))
         extra = sorted(k for k in seen if not _covered(k, stage.declared_keys()))
         if extra:
             undeclared[stage.name] = extra

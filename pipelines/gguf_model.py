@@ -160,10 +160,11 @@ class GgufCheck:
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # the first few, with both answers
 
 
-def server_args(gguf: Path, *, parallel: int = 1, ctx_per_slot: int = 4096, threads: int | None = None) -> list[str]:
-    """llama-server flags (tools/server/README.md): one model, `parallel` slots of `ctx_per_slot` tokens each,
-    no web UI. The context is the slots' total, since slots share one KV buffer."""
-    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+def server_args(gguf: Path, *, parallel: int = 1, ctx_per_slot: int = 4096, threads: int = 1) -> list[str]:
+    """llama-server flags for the check (tools/server/README.md): one model, `parallel` slots of `ctx_per_slot`
+    tokens each (the context is the slots' total: they share one KV buffer), no web UI. One thread: the check
+    sends one request at a time, and on a busy machine llama.cpp's spinning thread pool lost 6x (4 completions:
+    3.7 s with 1 thread, 22.6 s with 2, load average 8 on 2 cores)."""
     return ["-m", str(gguf), "--parallel", str(parallel), "--ctx-size", str(parallel * ctx_per_slot),
             "--threads", str(threads), "--no-webui", "--seed", "0"]
 

@@ -45,6 +45,6 @@ def push(cfg: ExportConfig, folders: list[Path]) -> str:
     url = api.create_repo(cfg.hub_repo_id, private=cfg.hub_private, exist_ok=True, repo_type="model")
     for i, folder in enumerate(folders):
         api.upload_folder(repo_id=cfg.hub_repo_id, folder_path=str(folder),
-                          path_in_repo=None if i == 0 else folder.name,
+                          path_in_repo=None if i == 0 else folder.name, ignore_patterns=[".*"],  # run records
                           commit_message=f"finetune-factory: upload {folder.name}")
     return str(url)

@@ -18,9 +18,13 @@ Engines (`--engine auto` picks vLLM when it is installed and CUDA is visible, ll
   `--parallel` slots. Without --adapters it serves the merged model's GGUF (paths.gguf; the quantised file
   when there is one, or `--gguf f16|bf16|Q8_0|...|FILE`) under the name `fine-tuned`. With --adapters it serves the
   base model converted once to an f16 GGUF and every adapter converted by llama.cpp's convert_lora_to_gguf.py
-  (both cached under the llama.cpp cache folder, keyed by content hash), loaded with `--lora` and
-  `--lora-init-without-apply`: one base in memory, and a request picks its adapter with llama.cpp's `lora`
-  field, e.g. `extra_body={"lora": [{"id": 0, "scale": 1.0}]}` (ids in the order given; none: the base model).
+  (both cached under the llama.cpp cache folder, keyed by content hash), each loaded at scale 0
+  (`--lora-scaled FILE:0`): one base in memory, a request without a `lora` field gets the base model, and a
+  request picks its adapter with llama.cpp's `lora` field, e.g. `extra_body={"lora": [{"id": 0, "scale": 1.0}]}`
+  (ids in the order given). Prompt caching is off in this mode (`--no-cache-prompt`): llama-server keeps a slot's
+  cached prompt when a request without a `lora` field switches the slot back to the default adapters
+  (tools/server/server-context.cpp, launch_slot_with_task), so the base model would continue from a prompt
+  computed with the adapter. `--lora-init-without-apply` does not help: it leaves the default scales at 1.
 - vLLM: `vllm serve` with the merged folder, or with the base folder plus `--enable-lora --lora-modules
   name=folder ...`, where a request picks an adapter by its `model` name.
 
@@ -169,9 +173,9 @@ def llama_cpp_plan(params: Params, *, gguf: str | None, adapters: list[str], par
     if not base_dir.exists():
         raise StageError(f"base model folder '{base_dir}' is missing; run `python -m pipelines fetch-model` first")
     folders = adapter_folders(params, adapters)
-    args = ["-m", str(base_gguf(llama, base_dir)), "--alias", BASE_NAME, *common, "--lora-init-without-apply"]
+    args = ["-m", str(base_gguf(llama, base_dir)), "--alias", BASE_NAME, *common, "--no-cache-prompt"]
     for _, folder in folders:
-        args += ["--lora", str(lora_gguf(llama, base_dir, folder))]
+        args += ["--lora-scaled", f"{lora_gguf(llama, base_dir, folder)}:0"]
     return ServePlan("llama.cpp", llama.server, args, [BASE_NAME], {name: i for i, (name, _) in enumerate(folders)})
 
 

@@ -187,8 +187,8 @@ def make_lora_adapter(base_dir: Path, folder: Path, *, r: int = 4, std: float = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)  # before get_peft_model, which draws the A matrices
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -232,15 +232,18 @@ def write_test_split(splits_dir: Path, conversations: list[list[dict]]) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(smollm2_dir, tmp_path_factory):
-    """A project on the real base model with a promoted random LoRA adapter, run through the real `merge` and
-    `export-gguf` stages: (params, merge StageResult, export-gguf StageResult)."""
+    """A project on the real base model with a promoted random LoRA adapter (and another one in paths.adapter),
+    run through the real `merge` and `export-gguf` stages: (params, merge StageResult, export-gguf StageResult)."""
     from pipelines import gguf_model, merged_model
     from pipelines.config import load_params
 
     root = tmp_path_factory.mktemp("exported")
-    make_lora_adapter(smollm2_dir, root / "data" / "promoted", r=8, std=0.02)
+    make_lora_adapter(smollm2_dir, root / "data" / "promoted", r=8, std=0.005)
+    make_lora_adapter(smollm2_dir, root / "data" / "adapter", r=8, std=0.02, seed=3)  # a second, stronger one
     write_test_split(root / "data" / "splits", demo_conversations(4))
+    # A random adapter leaves SmolLM2 answering in free text, where Q8_0 rounding flips near-tied tokens (2 or 3 of 4
+    # answers matched for three seeds); the trained demo's JSON answers matched 8 of 8. f16 must match exactly.
     path = write_project(root, {"paths": {"base_model": str(smollm2_dir)},
-                                "export": {"check_prompts": 4, "max_new_tokens": 24}})
+                                "export": {"check_prompts": 4, "max_new_tokens": 24, "min_quant_match": 0.25}})
     params = load_params(path)
     return params, merged_model.run(params), gguf_model.run(params)

@@ -4,7 +4,8 @@
     python -m pipelines serve --gguf f16 --parallel 8          # that file, 8 requests decoded together
     python -m pipelines serve --adapters promoted,data/adapter # the base GGUF + each adapter as a GGUF LoRA
     python -m pipelines serve --engine vllm                    # vLLM (CUDA): the merged folder, or --adapters
-    python -m pipelines serve --dry-run                        # print the command, start nothing
+    python -m pipelines serve --dry-run                        # print the command, start nothing (it still makes
+                                                               # and caches the GGUF files --adapters needs)
 
 Then any OpenAI client talks to it:
 
@@ -228,7 +229,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-per-slot", type=int, default=2048, help="llama.cpp: context tokens per slot (prompt + "
                    "answer); the KV cache holds parallel x this")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: llama-server's)")
-    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit (the GGUF conversions that "
+                   "--adapters needs are still made and cached)")
     return p
 
 

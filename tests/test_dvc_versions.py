@@ -12,7 +12,9 @@ The promotion gate is set so a 4-step run on the random tiny model passes determ
 metric `loss` (every run lowers the completion loss; its bootstrap interval stays above 0),
 min_improvement 0, max_forgetting 5 nats/token. So the test covers all eight stages, `promote`
 included, instead of stopping at `evaluate`; whether the gate's real thresholds are right is
-tests/test_promote.py's business, not this file's.
+tests/test_promote.py's business, not this file's. The copy's dvc.yaml leaves out the export stages after
+`promote` (merge, export_gguf): llama.cpp's converter does not know the tiny model's vocabulary, and
+tests/test_export.py runs them on the real SmolLM2.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.conftest import tiny_overrides
 from tests.test_dvc import copy_repo_with_tickets, dvc_executable, ran_stages, run
 
 ALL_STAGES = {"fetch_model", "ingest", "clean", "format", "split", "train", "evaluate", "promote"}
+EXPORT_STAGES = ("merge", "export_gguf")  # not in the copy's dvc.yaml (see the docstring)
 # What a clone must get back from the remote (DVC cache) or from git (metrics.json, cache: false).
 RESTORED = ["data/adapter", "data/evaluation", "data/splits", "data/promoted", "data/metrics.json"]
 GATE_THAT_A_TINY_RUN_PASSES = {"primary_metric": "loss", "min_improvement": 0.0, "max_forgetting": 5.0}
@@ -71,6 +74,10 @@ def versioned(tmp_path_factory, tiny_model_dir: Path) -> Versioned:
     overrides = tiny_overrides(tiny_model_dir)
     overrides["evaluate"] = {**overrides["evaluate"], **GATE_THAT_A_TINY_RUN_PASSES}
     root = copy_repo_with_tickets(base, overrides)
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    for name in EXPORT_STAGES:
+        del pipeline["stages"][name]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
     ident = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env = {**os.environ, **ident, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

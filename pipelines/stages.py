@@ -146,6 +146,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
         code=("pipelines.metrics", "pipelines.report", "pipelines.chat"), files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
+        uses_trainer=True,
         plots={"loss_curves": {"template": "linear", "x": "step", "y": {
             "${paths.evaluation}/train_loss.csv": "train_loss", "${paths.evaluation}/eval_loss.csv": "eval_loss"}}},
     ),

@@ -243,6 +243,7 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
         assert ci["low"] <= metrics[model]["rouge_l"] <= ci["high"]
     assert set(metrics["per_field"]) == {"category", "priority"}
     assert isinstance(metrics["gate"]["passed"], bool) and len(metrics["gate"]["reasons"]) == 3
+    assert metrics["evaluated_on"] == {"device": "cpu", "precision": "fp32", "four_bit_base": False}
 
     html = (out / "report.html").read_text()
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html)  # nothing fetched from anywhere
@@ -324,3 +325,31 @@ def test_report_escapes_model_output_and_says_when_curves_are_missing():
     row = next(line for line in md.splitlines() if "alert(1)" in line)
     assert len(re.findall(r"(?<!\\)\|", row)) == len(report.EXAMPLE_HEADER) + 1  # no cell split by a '|'
     assert "<script>" not in md and report.NO_LOSS_CURVE in md
+
+
+def test_evaluation_follows_the_trainer_environment(tmp_path, tiny_model_dir, monkeypatch):
+    """The evaluate stage takes the trainer resource's device and precision (a GPU in bf16/fp16, the CPU in fp32);
+    the Dagster asset hands it the resource's environment as the train asset does."""
+    import dagster as dg
+
+    from assets.evaluation import evaluation_report
+    from pipelines import evaluate
+    from pipelines.train_env import TrainEnv
+    from resources.project import ProjectResource
+    from resources.trainer import TrainerResource
+    from tests.conftest import tiny_overrides, write_project
+
+    gpu = TrainEnv(device="cuda", precision="bf16", num_threads=1, load_in_4bit=False, launcher="in_process",
+                   num_processes=1, gradient_checkpointing=False, accelerate_config=None)
+    assert evaluate.evaluation_precision(gpu) == "bf16"
+    assert evaluate.evaluation_precision(TrainEnv.resolve(device="cpu")) == "fp32"
+    assert evaluate.evaluation_precision(None) == "fp32"
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run", lambda params, env=None: seen.append(env) or (_ for _ in ()).throw(
+        evaluate.StageError("stop here")))
+    params_file = write_project(tmp_path, tiny_overrides(tiny_model_dir))
+    result = dg.materialize([evaluation_report], raise_on_error=False, resources={
+        "project": ProjectResource(params_file=str(params_file)), "trainer": TrainerResource(device="cpu",
+                                                                                             num_threads=1)})
+    assert not result.success and seen == [TrainEnv.resolve(device="cpu", num_threads=1)]

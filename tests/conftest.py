@@ -28,6 +28,22 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# A long system prompt of varied text (~200 words), shared by every row of a support bot's data: on whole
+# conversations it dominates the word shingles, so rows that share only it look like near duplicates.
+LONG_SYSTEM_PROMPT = (
+    "You are the support assistant of Fjordline Bikes, a bicycle rental shop in Bergen. Answer in one short "
+    "sentence. Be polite and never promise refunds; refunds are handled by the store manager. If the customer "
+    "asks about opening hours, say we are open from 9 to 18 on weekdays and 10 to 16 on Saturdays. If the "
+    "customer asks about prices, tell them that city bikes cost 200 NOK per day and e-bikes cost 450 NOK per day. "
+    "Always end with a friendly tone and do not use emojis or markdown. When a customer reports a flat tyre or a "
+    "broken chain during a rental, tell them to call the workshop line, which is staffed from 8 to 20 every day, "
+    "and explain that a mechanic can meet them anywhere inside the city centre within about forty minutes. Group "
+    "bookings of more than eight bikes need a written request at least three days ahead, and school classes get "
+    "a discount of twenty percent on weekdays. Children under twelve must always wear a helmet and ride with an "
+    "adult. Guided tours leave from the fish market at ten and at two, last about three hours, include a coffee "
+    "stop, and must be booked the day before."
+)
+
 _CORPUS = [
     "My card was charged twice for the same order, please refund.",
     "I cannot log in to my account since the password reset.",

@@ -118,7 +118,8 @@ def dataset_splits(context: AssetExecutionContext, project: ProjectResource) -> 
     from pipelines import split as stage
 
     return stage_asset(context, "dataset_splits", stage.run, project.params(),
-                       sections=["split", "clean.near_dup_threshold", "clean.num_perm", "clean.shingle_size"],
+                       sections=["split", "clean.near_dup_threshold", "clean.num_perm", "clean.shingle_size",
+                                 "clean.boilerplate_share", "clean.min_own_similarity"],
                        inputs=["formatted_dataset"],
                        extra=lambda result: {"dagster/row_count": _split_rows(result.metrics)})
 

@@ -371,6 +371,7 @@ class Cleaner:
         self.markup_kept = 0
         self._where: list[tuple[str, str, int]] = []  # (id, source, line) of each survivor
         self._first: dict[bytes, int] = {}  # exact hash -> index of its first survivor
+        self._exact_of: dict[int, int] = {}  # survivor index of an exact duplicate -> index of its first copy
         self._unique: list[int] = []  # survivor index of each exact-unique text, in order
         self._texts: list[str] = []  # conversation_lines of each exact-unique survivor (near-duplicate rule)
         self._removed: dict[int, tuple[str, str, dict[str, Any]]] = {}  # survivor index -> (rule, reason, extra)
@@ -444,6 +445,7 @@ class Cleaner:
             if cfg.exact_dedup:
                 first = self._first.setdefault(exact_digest(text), index)
                 if first != index:
+                    self._exact_of[index] = first
                     kept_id, location = self._location(first)
                     self._removed[index] = ("exact_duplicate", f"same normalised text as row {kept_id}",
                                             {"duplicate_of": kept_id, "duplicate_of_location": location})
@@ -465,7 +467,13 @@ class Cleaner:
                     f"Jaccard {sim:.3f} >= clean.near_dup_threshold = {cfg.near_dup_threshold} with row {kept_id}",
                     {"duplicate_of": kept_id, "duplicate_of_location": location, "similarity": round(sim, 4)},
                 )
-        self._texts, self._unique = [], []
+            for index, first in self._exact_of.items():  # the first copy went as a near duplicate: name the kept row
+                if (near := self._removed.get(first)) and near[0] == "near_duplicate":
+                    copy_id = self._where[first][0]
+                    self._removed[index] = ("exact_duplicate", f"same normalised text as row {copy_id}, itself a "
+                                            f"near duplicate of row {near[2]['duplicate_of']}",
+                                            {**near[2], "duplicate_of_copy": copy_id})
+        self._texts, self._unique, self._exact_of = [], [], {}
         return len(self._removed)
 
     def finish(self, survivors: Iterable[dict[str, Any]], quarantine: Sink) -> Iterator[dict[str, Any]]:

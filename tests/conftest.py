@@ -57,8 +57,10 @@ _CORPUS = [
 ] * 4
 
 
-def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64) -> Path:
-    """Save a random-weight Llama + trained BPE tokenizer with a ChatML template into `folder`."""
+def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64, context: int = 1024) -> Path:
+    """Save a random-weight Llama + trained BPE tokenizer with a ChatML template into `folder`.
+
+    `context` (max_position_embeddings): raise it to format real data, which the 400-token BPE makes ~4x longer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -79,7 +81,7 @@ def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64) -> Path
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )

@@ -207,6 +207,15 @@ def test_near_duplicate_of_a_removed_row_is_kept():
     assert [(q["id"], q["duplicate_of"]) for q in result.quarantined] == [("0002", "0001")]
 
 
+def test_an_exact_copy_of_a_near_duplicate_names_the_kept_row():
+    a = " ".join(f"word{i}" for i in range(40))
+    result = clean([row(1, a), row(2, edit_word(a, 10)), row(3, edit_word(a, 10))], cfg(max_chars=20_000))
+    assert [r["id"] for r in result.kept] == ["0001"]
+    copy = next(q for q in result.quarantined if q["id"] == "0003")
+    assert (copy["rule"], copy["duplicate_of"], copy["duplicate_of_copy"]) == ("exact_duplicate", "0001", "0002")
+    assert copy["duplicate_of_location"] == "data/raw/t.jsonl:1" and "near duplicate of row 0001" in copy["reason"]
+
+
 def test_min_chars_applies_to_every_message():
     rows = [row(1, "ok"), row(2, "a"), row(3, "fine", assistant="k")]
     result = clean(rows, cfg(min_chars=2))

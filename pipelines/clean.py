@@ -336,8 +336,8 @@ def _letters(text: str, enough: int) -> int:
 def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[str, str] | None:
     for i, m in enumerate(messages):
         if cfg.min_chars and (n := _letters(m["content"], cfg.min_chars)) < cfg.min_chars:
-            return "too_short", (f"message {i} ({m['role']}) has {n} letters, digits or symbols after cleaning "
-                                 f"({m['content'][:20]!r}), fewer than clean.min_chars = {cfg.min_chars}")
+            return "too_short", (f"message {i} ({m['role']}) has {n} letters, digits or symbols after cleaning, "
+                                 f"fewer than clean.min_chars = {cfg.min_chars}")
     total = sum(len(m["content"]) for m in messages)
     if total > cfg.max_chars:
         return "too_long", f"conversation has {total} characters, more than clean.max_chars = {cfg.max_chars}"

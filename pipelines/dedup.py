@@ -86,16 +86,23 @@ def conversation_lines(row: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def template_lines(lines: Sequence[str], share: float = 0.1, least: int = 3) -> set[int]:
+def template_lines(lines: Sequence[str], share: float = 0.1, least: int = 3,
+                   wholes: Sequence[str] | None = None) -> set[int]:
     """hash() of the tagged lines (conversation_lines) that are template text rather than a row's own content:
     a system-message line found in 2 or more distinct rows, any other line in at least `least` and at least
     `share` of the distinct rows (an instruction template, a canned sign-off). Counted once per row, over
-    distinct rows (exact copies do not make a line frequent), with numpy: 8 bytes a line.
+    distinct rows (exact copies do not make a line frequent; `wholes`, whole_text of each, says which are
+    copies), with numpy: 8 bytes a line. Of copies that differ only in line breaks the smallest form counts,
+    so the result depends on the set of distinct rows only, not on their order or multiplicity.
 
     Lines that repeat across documents are the classic signature of boilerplate (CCNet, Wenzek et al., LREC
     2020, drops such paragraphs). A system prompt is context by design, so sharing one is never evidence.
     """
-    distinct = list(dict.fromkeys(lines))
+    chosen: dict[str, str] = {}
+    for whole, form in zip(wholes if wholes is not None else map(whole_text, lines), lines, strict=True):
+        if whole not in chosen or form < chosen[whole]:
+            chosen[whole] = form
+    distinct = list(chosen.values())
     system: list[int] = []
     other: list[int] = []
     for form in distinct:
@@ -421,10 +428,11 @@ def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, s
     ticket with another greeting scores ~0.8 on its own content. The veto only removes pairs, so leaving
     template text out never makes two rows duplicates. Sorted by (i, j).
     """
-    pairs = near_duplicate_pairs([whole_text(form) for form in lines], threshold, num_perm, shingle_size)
+    wholes = [whole_text(form) for form in lines]
+    pairs = near_duplicate_pairs(wholes, threshold, num_perm, shingle_size)
     if not pairs:
         return []
-    template = template_lines(lines, boilerplate_share)
+    template = template_lines(lines, boilerplate_share, wholes=wholes)
     hashes: dict[int, set[int]] = {}
     out: list[tuple[int, int, float]] = []
     recheck: list[tuple[int, int, float]] = []

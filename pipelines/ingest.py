@@ -36,7 +36,9 @@ OpenAI `tool_calls` ({"function": {"name", "arguments"}}), legacy `function_call
 {"type": "function_call"} items and ShareGPT `function_call` turns. An assistant message with text and
 calls becomes the text, a newline, then the calls one per line; with content null, absent or "" it is
 the calls alone. Results (role tool / function, ShareGPT observation, Responses function_call_output)
-are tool messages. Row-level `tools`, or else the legacy top-level `functions`, become `tools`.
+are tool messages; a result or a ShareGPT function_call exported as a JSON object instead of JSON text
+is written as that text (the call in the {"name", "arguments"} form). Row-level `tools`, or else the
+legacy top-level `functions`, become `tools`.
 
 Per-turn training flags. An assistant message keeps OpenAI's "weight" (0 or 1); Axolotl's per-message
 flag "train" / "training" (false / true, read by its `message_field_training`) becomes the same weight.
@@ -83,7 +85,7 @@ CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds m
 NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example", "all_turns_weight_zero"})
 # Changes made to rows that are kept, counted per row in the report (report["changes"]).
 CHANGES = {
-    "value_as_text": "numbers or booleans in text fields were written as their JSON text",
+    "value_as_text": "numbers, booleans or (tool results) objects in text fields were written as their JSON text",
     "trailing_turns_trimmed": "turns after the last assistant answer were trimmed",
     "turn_flag_ignored": "a non-assistant turn was flagged for training (weight 1 / train true); only assistant "
                          "turns are trained, so the flag was ignored",
@@ -182,7 +184,7 @@ def normalise_row(
     if obj.get("label") is False:
         return None, Rejection("row is labelled false (an undesirable example); SFT must not learn from it",
                                "undesirable_example")
-    if changes is not None:
+    if notes and changes is not None:
         changes.update(notes)
     meta = {k: v for k, v in obj.items() if k not in used}
     return {"format": detected, "messages": messages, "tools": tools, "meta": meta}, None
@@ -267,6 +269,11 @@ def _content(value: Any, i: int, notes: set[str]) -> str:
     return text
 
 
+def _json_text(value: Any, notes: set[str]) -> str:
+    notes.add("value_as_text")
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _call_text(call: Any, i: int) -> str:
     """One tool call as the text the model learns to write: {"name": ..., "arguments": ...} (see the docstring)."""
     fn = call
@@ -300,17 +307,28 @@ def _turn(m: Any, i: int, notes: set[str], what: str) -> dict[str, Any]:
     """One message (or ShareGPT turn, or Responses API item) -> {"role", "content", "weight"?}."""
     if not isinstance(m, dict):
         raise _Invalid(f"{what} {i} must be an object with role and content, got {_type(m)}")
+    if len(m) == 2:  # the usual {"role", "content"} or {"from", "value"}, with a known role and text: no more to read
+        speaker, value = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if type(value) is str and type(speaker) is str and (role := ROLE_ALIASES.get(speaker)) is not None:
+            return {"role": role, "content": value}
     if "role" not in m and "from" not in m and m.get("type") in ("function_call", "function_call_output"):
         if m["type"] == "function_call":  # Responses API items
             return {"role": "assistant", "content": _call_text(m, i), "call_item": True}
         return {"role": "tool", "content": _content(m.get("output"), i, notes)}
     speaker = m["role"] if "role" in m else m.get("from")
-    role = ROLE_ALIASES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
+    role = None
+    if isinstance(speaker, str):
+        role = ROLE_ALIASES.get(speaker) or ROLE_ALIASES.get(speaker.strip().lower())
     if role is None:
         where = f"turn {i} is from {speaker!r}" if what == "turn" else f"message {i} has role {speaker!r}"
         raise _Invalid(f"{where}; expected system, user, assistant or tool (or an alias such as human, gpt, "
                        "model, function_call, observation)")
-    content = _content(m["content"] if "content" in m else m.get("value"), i, notes)
+    value = m["content"] if "content" in m else m.get("value")
+    if isinstance(value, dict) and role in ("assistant", "tool"):
+        # A call or a tool result exported as an object rather than JSON text (glaive-style exports).
+        content = _call_text(value, i) if speaker.strip().lower() == "function_call" else _json_text(value, notes)
+    else:
+        content = _content(value, i, notes)
     calls = [m["function_call"]] if not _missing(m.get("function_call")) else []  # legacy OpenAI functions
     tool_calls = m.get("tool_calls")
     if not _missing(tool_calls):
@@ -442,12 +460,17 @@ def _order_problem(messages: list[dict[str, Any]]) -> str | None:
 
     An opening assistant turn (a greeting) is allowed: whether the chat template can render it is the
     format stage's decision, not ingest's."""
+    previous, users = None, 0
     for i, m in enumerate(messages):
-        if m["role"] == "system" and i > 0:
+        role = m["role"]
+        if role == "user":
+            users += 1
+        elif role == "system" and i > 0:
             return f"system message {i} is not the first message"
-        if m["role"] == "tool" and (i == 0 or messages[i - 1]["role"] not in ("assistant", "tool")):
+        elif role == "tool" and previous not in ("assistant", "tool"):
             return f"tool message {i} does not follow an assistant tool call"
-    if messages and not any(m["role"] == "user" for m in messages):
+        previous = role
+    if messages and not users:
         return "conversation has no user message; an answer needs a user turn to answer"
     return None
 
@@ -458,8 +481,10 @@ def _finish(messages: list[dict[str, Any]], system_prompt: str | None, notes: se
     messages = [m for m in messages if m["role"] != "system" or m["content"].strip()]
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is not None and last < len(messages) - 1:
+    last = len(messages) - 1
+    while last >= 0 and messages[last]["role"] != "assistant":
+        last -= 1
+    if 0 <= last < len(messages) - 1:
         # A conversation exported mid-dialogue (it ends with the user's next question, or a tool result):
         # the turns after the last answer teach nothing; the answers before them are kept.
         messages = messages[: last + 1]
@@ -469,11 +494,11 @@ def _finish(messages: list[dict[str, Any]], system_prompt: str | None, notes: se
             raise _Invalid(f"message {i} ({m['role']}) is empty", "invalid_conversation")
         if "\x00" in m["content"]:
             raise _Invalid(f"message {i} ({m['role']}) contains a NUL character; the text looks like binary data")
-    if last is not None and not any(trained(m) for m in messages):
-        raise _Invalid("every assistant turn has weight 0 (kept as context, not learned), so the row has nothing "
-                       "to train on", "all_turns_weight_zero")
     problem = _order_problem(messages) or conversation_problem(messages)
     if problem:
+        if last >= 0 and not any(trained(m) for m in messages):
+            raise _Invalid("every assistant turn has weight 0 (kept as context, not learned), so the row has "
+                           "nothing to train on", "all_turns_weight_zero")
         raise _Invalid(problem, "invalid_conversation")
     return messages
 

@@ -79,7 +79,10 @@ def group_keys(keys: Sequence[str], lines: Sequence[str], threshold: float, num_
 
     keys: exact_key(conversation_text(row)) per row; lines: conversation_lines(row) per row."""
     distinct = sorted(set(keys))  # canonical order: grouping must not depend on the input order
-    lines_of = dict(zip(keys, lines, strict=True))
+    lines_of: dict[str, str] = {}
+    for key, form in zip(keys, lines, strict=True):  # copies may differ in line breaks: the smallest form, always
+        if key not in lines_of or form < lines_of[key]:
+            lines_of[key] = form
     pairs = similar_pairs([lines_of[k] for k in distinct], threshold, num_perm, shingle_size, boilerplate_share,
                           min_own)
     labels = components(len(distinct), pairs)

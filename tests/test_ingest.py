@@ -504,6 +504,17 @@ def test_tool_calls_are_one_json_line_each_after_the_text(obj, messages):
     assert kept(obj)[0] == messages
 
 
+def test_calls_and_results_exported_as_objects_are_json_text():
+    obj = {"conversations": [{"from": "human", "value": "where is order 42"},
+                             {"from": "function_call", "value": {"name": "get_order", "arguments": '{"id": 42}'}},
+                             {"from": "observation", "value": {"status": "shipped"}},
+                             {"from": "gpt", "value": "It has shipped."}]}
+    messages, _, changes = kept(obj)
+    assert messages == called(CALL_TEXT) and changes == {"value_as_text": 1}
+    assert refused({"messages": conv((U, "q"), (A, "a")) + [{"role": "user", "content": {"status": 1}}]}).rule == \
+        "invalid_row"  # a user message that is an object is not text
+
+
 def test_legacy_functions_become_tools_and_the_case_01_row_is_kept():
     schema = [{"name": "check_availability", "parameters": {"type": "object"}}]
     obj = {"messages": [{"role": "user", "content": "Is it on the shelf?"},

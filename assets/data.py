@@ -119,7 +119,7 @@ def dataset_splits(context: AssetExecutionContext, project: ProjectResource) -> 
 
     return stage_asset(context, "dataset_splits", stage.run, project.params(),
                        sections=["split", "clean.near_dup_threshold", "clean.num_perm", "clean.shingle_size",
-                                 "clean.boilerplate_share", "clean.min_own_similarity"],
+                                 "clean.boilerplate_share", "clean.own_similarity_ratio"],
                        inputs=["formatted_dataset"],
                        extra=lambda result: {"dagster/row_count": _split_rows(result.metrics)})
 

@@ -19,7 +19,7 @@ shows up to SAMPLES before/after excerpts of the rows each text rule changed:
     exact_duplicate  same normalised conversation text as an earlier row (clean.exact_dedup)
     near_duplicate   word-shingle Jaccard >= clean.near_dup_threshold with an earlier kept row (clean.near_dedup),
                      unless their own content, the template text both contain set aside, is less than
-                     clean.min_own_similarity similar (pipelines.dedup.similar_pairs, clean.boilerplate_share):
+                     clean.own_similarity_ratio x the threshold similar (pipelines.dedup.similar_pairs):
                      rows that only share a system prompt or an instruction template are not duplicates
 
 Duplicates keep the first occurrence in input order. Every removed row goes to quarantine.jsonl with its
@@ -253,7 +253,7 @@ def _report(cfg: CleanConfig, counts: dict[str, dict[str, int]], pii: Counter, n
         "pii": {t: pii[t] for t in sorted(pii)},
         "near_dedup": {"threshold": cfg.near_dup_threshold, "num_perm": cfg.num_perm,
                        "shingle_size": cfg.shingle_size, "boilerplate_share": cfg.boilerplate_share,
-                       "min_own_similarity": cfg.min_own_similarity,
+                       "own_similarity_ratio": cfg.own_similarity_ratio,
                        "lsh_bands": bands, "lsh_rows": rows, "verified_pairs": near_pairs},
     }
 
@@ -499,7 +499,7 @@ def _near_duplicates(lines: list[str], cfg: CleanConfig) -> tuple[dict[int, tupl
     """{index of a removed row: (index of the kept row it duplicates, jaccard)}, and the number of pairs;
     `lines` are conversation_lines (see pipelines.dedup.similar_pairs)."""
     pairs = similar_pairs(lines, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size, cfg.boilerplate_share,
-                          cfg.min_own_similarity)
+                          cfg.own_similarity_ratio)
     earlier: dict[int, list[tuple[int, float]]] = {}
     for i, j, sim in pairs:
         earlier.setdefault(j, []).append((i, sim))

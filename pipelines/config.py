@@ -148,13 +148,14 @@ class CleanConfig(_Section):
                     "instruction used by a tenth of the data is a template; a line that a few near-duplicate rows "
                     "share is their content."
     )
-    min_own_similarity: float = Field(
+    own_similarity_ratio: float = Field(
         0.6, gt=0, le=1,
-        description="Rows whose whole conversations are near duplicates are not duplicates when their own content "
-                    "(the template text both contain set aside, see boilerplate_share) is less similar than this "
-                    "(or than the threshold in use, if lower): the similarity came from a shared system prompt or "
-                    "template. 0.6, the split's default grouping level: the same ticket with another greeting "
-                    "scores ~0.8 on its own content, rows that share only a system prompt ~0."
+        description="Rows near-duplicate at a threshold (near_dup_threshold here, split.group_threshold in split) are "
+                    "not duplicates when their own content, the template text both contain set aside (see "
+                    "boilerplate_share), is less than this fraction of that threshold similar: the similarity came "
+                    "from a shared system prompt or template (their own content scores ~0). 0.6: setting text aside "
+                    "also shortens it, so true near duplicates score a little lower on their own content (the same "
+                    "ticket with another greeting: 0.8 own against 0.88 whole)."
     )
 
 

@@ -414,19 +414,21 @@ def near_duplicate_pairs(
 
 
 def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3,
-                  boilerplate_share: float = 0.1, min_own: float = 0.6) -> list[tuple[int, int, float]]:
+                  boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> list[tuple[int, int, float]]:
     """Near-duplicate conversations: pairs (i, j, jaccard), i < j, of conversation_lines() whose word-shingle
     Jaccard is >= threshold on the whole conversation (near_duplicate_pairs: LSH candidates, verified
-    exactly, as conversation_text was always compared) and whose own content is >= min(threshold, min_own)
+    exactly, as conversation_text was always compared) and whose own content is >= own_ratio * threshold
     similar: their Jaccard once the template text both contain (template_lines) is set aside, verified
     exactly. jaccard is the whole-text Jaccard.
 
     The second test is a veto: two rows that share one long system prompt or an instruction template but
     differ in their own question and answer (own Jaccard near 0) are not duplicates, however similar the
-    whole texts. min_own sits below the removal threshold because setting aside a shared system prompt
-    also shortens the texts, and on short texts one different word costs `shingle_size` shingles: the same
-    ticket with another greeting scores ~0.8 on its own content. The veto only removes pairs, so leaving
-    template text out never makes two rows duplicates. Sorted by (i, j).
+    whole texts. The bar is a fraction of the threshold because setting aside shared text also shortens
+    the texts, and on short texts one different word costs `shingle_size` shingles: the same ticket with
+    another greeting scores ~0.8 on its own content against 0.88 whole, variants of one tool-call dialogue
+    ~0.58 against 0.62. The veto only removes pairs, so leaving template text out never makes two rows
+    duplicates; and a pair at a higher threshold meets the bar of any lower one, so the split's groups
+    (split.group_threshold) still hold every pair its leakage check looks for. Sorted by (i, j).
     """
     wholes = [whole_text(form) for form in lines]
     pairs = near_duplicate_pairs(wholes, threshold, num_perm, shingle_size)
@@ -453,7 +455,7 @@ def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, s
         inter = len(a & b)
         union = len(a) + len(b) - inter
         own = inter / union if union else 1.0  # nothing of their own: identical apart from shared template
-        if own >= min(threshold, min_own):
+        if own >= own_ratio * threshold:
             out.append((i, j, whole))
     out.sort()
     return out

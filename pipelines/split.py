@@ -10,7 +10,7 @@ of the input rows:
 1. Rows are grouped: identical conversation texts (pipelines.dedup.exact_key) share a group, and so do
    near duplicates (pipelines.dedup.similar_pairs at split.group_threshold, connected components), which
    veto pairs whose own content is dissimilar once the template text both share is set aside
-   (clean.boilerplate_share, clean.min_own_similarity): rows that only share a system prompt or an
+   (clean.boilerplate_share, clean.own_similarity_ratio): rows that only share a system prompt or an
    instruction template are not grouped. The distinct texts are clustered in exact_key order, so
    grouping does not see the input order either.
 2. A group's key is the smallest exact_key of its members, a content hash.
@@ -74,7 +74,7 @@ def stratum_of(row: dict[str, Any], dotted: str) -> str:
 
 
 def group_keys(keys: Sequence[str], lines: Sequence[str], threshold: float, num_perm: int = 128,
-               shingle_size: int = 3, boilerplate_share: float = 0.1, min_own: float = 0.6) -> list[str]:
+               shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> list[str]:
     """The group key of each row: the smallest exact_key among its exact and near duplicates.
 
     keys: exact_key(conversation_text(row)) per row; lines: conversation_lines(row) per row."""
@@ -84,7 +84,7 @@ def group_keys(keys: Sequence[str], lines: Sequence[str], threshold: float, num_
         if key not in lines_of or form < lines_of[key]:
             lines_of[key] = form
     pairs = similar_pairs([lines_of[k] for k in distinct], threshold, num_perm, shingle_size, boilerplate_share,
-                          min_own)
+                          own_ratio)
     labels = components(len(distinct), pairs)
     # cluster labels a group by its smallest index, which in sorted order is the smallest exact_key.
     group_of = {k: distinct[label] for k, label in zip(distinct, labels, strict=True)}
@@ -114,10 +114,10 @@ def assign_groups(sizes: dict[str, int], strata: dict[str, str], cfg: SplitConfi
 
 
 def plan(keys: Sequence[str], lines: Sequence[str], strata: Sequence[str], cfg: SplitConfig, num_perm: int = 128,
-         shingle_size: int = 3, boilerplate_share: float = 0.1, min_own: float = 0.6) -> tuple[list[str], list[str]]:
+         shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> tuple[list[str], list[str]]:
     """(group, split name) of each row from its exact key, conversation lines and stratum (see group_keys);
     a pure function of content."""
-    groups = group_keys(keys, lines, cfg.group_threshold, num_perm, shingle_size, boilerplate_share, min_own)
+    groups = group_keys(keys, lines, cfg.group_threshold, num_perm, shingle_size, boilerplate_share, own_ratio)
     sizes = Counter(groups)
     votes: dict[str, Counter[str]] = defaultdict(Counter)
     for group, stratum in zip(groups, strata, strict=True):
@@ -129,12 +129,12 @@ def plan(keys: Sequence[str], lines: Sequence[str], strata: Sequence[str], cfg: 
 
 
 def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int = 128, shingle_size: int = 3,
-               boilerplate_share: float = 0.1, min_own: float = 0.6) -> dict[str, list[dict[str, Any]]]:
+               boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, list[dict[str, Any]]]:
     """Rows (+ "group") per split, each list sorted by id; a pure function of the rows' content and cfg."""
     strata = [stratum_of(r, cfg.stratify_by) if cfg.stratify_by else "" for r in rows]
     keys = [exact_key(conversation_text(r)) for r in rows]
     groups, names = plan(keys, [conversation_lines(r) for r in rows], strata, cfg, num_perm, shingle_size,
-                         boilerplate_share, min_own)
+                         boilerplate_share, own_ratio)
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     for row, group, name in zip(rows, groups, names, strict=True):
         out[name].append({**row, "group": group})
@@ -144,7 +144,7 @@ def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int =
 
 
 def leakage(splits: Mapping[str, Iterable[dict[str, Any]]], threshold: float, num_perm: int = 128,
-            shingle_size: int = 3, boilerplate_share: float = 0.1, min_own: float = 0.6) -> dict[str, Any]:
+            shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, Any]:
     """Exact and near duplicates (similar_pairs at threshold, as the grouping) that sit in
     different splits, with a few examples.
 
@@ -157,12 +157,12 @@ def leakage(splits: Mapping[str, Iterable[dict[str, Any]]], threshold: float, nu
             ids.append(row.get("id"))
             keys.append(exact_key(conversation_text(row)))
             lines.append(conversation_lines(row))
-    return leakage_of(names, ids, keys, lines, threshold, num_perm, shingle_size, boilerplate_share, min_own)
+    return leakage_of(names, ids, keys, lines, threshold, num_perm, shingle_size, boilerplate_share, own_ratio)
 
 
 def leakage_of(names: Sequence[str], ids: Sequence[Any], keys: Sequence[str], lines: Sequence[str],
                threshold: float, num_perm: int = 128, shingle_size: int = 3,
-               boilerplate_share: float = 0.1, min_own: float = 0.6) -> dict[str, Any]:
+               boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, Any]:
     """leakage() over parallel lists: the split name, id, exact_key and conversation_lines of each row."""
     splits_of_key: dict[str, set[str]] = defaultdict(set)
     for key, name in zip(keys, names, strict=True):
@@ -170,7 +170,7 @@ def leakage_of(names: Sequence[str], ids: Sequence[Any], keys: Sequence[str], li
     exact = sum(len(s) > 1 for s in splits_of_key.values())
     near = 0
     examples: list[dict[str, Any]] = []
-    for i, j, jaccard in similar_pairs(lines, threshold, num_perm, shingle_size, boilerplate_share, min_own):
+    for i, j, jaccard in similar_pairs(lines, threshold, num_perm, shingle_size, boilerplate_share, own_ratio):
         if names[i] == names[j]:
             continue
         if keys[i] != keys[j]:  # identical texts are already counted as exact duplicates
@@ -300,13 +300,13 @@ def run(params: Params) -> StageResult:
                          "use a dotted field such as 'meta.category', or null")
     clean = params.clean
     groups, names = plan(scan.keys, scan.lines, scan.strata, cfg, clean.num_perm, clean.shingle_size,
-                         clean.boilerplate_share, clean.min_own_similarity)
+                         clean.boilerplate_share, clean.own_similarity_ratio)
     counts = Counter(names)
     for name in SPLITS:
         if not counts[name] and getattr(cfg, name) > 0:
             raise StageError(empty_split_reason(name, groups, scan.strata, cfg))
     leak = leakage_of(names, scan.ids, scan.keys, scan.lines, clean.near_dup_threshold, clean.num_perm,
-                      clean.shingle_size, clean.boilerplate_share, clean.min_own_similarity)
+                      clean.shingle_size, clean.boilerplate_share, clean.own_similarity_ratio)
     if not leak["passed"]:
         raise StageError(
             f"splits leak: {leak['exact_duplicates_across_splits']} exact and "

@@ -211,6 +211,9 @@ def test_real_near_duplicates_stay_pairs_and_pairs_only_shrink():
     lines = [dedup.conversation_lines(r) for r in rows]
     pairs = dedup.similar_pairs(lines, 0.85)
     assert [(i, j) for i, j, _ in pairs] == [(5, 6)]
+    # Their own content (system prompt set aside) is less similar than the whole text, and shorter: a bar at the
+    # threshold itself would veto them; the bar is a fraction of it (own_ratio), near 0 still vetoes.
+    assert dedup.similar_pairs(lines, 0.85, own_ratio=1.0) == []
     whole = {(i, j) for i, j, _ in near_duplicate_pairs([conversation_text(r) for r in rows], 0.6)}
     assert {(i, j) for i, j, _ in dedup.similar_pairs(lines, 0.6)} <= whole
 

@@ -291,7 +291,8 @@ def _leakage(params: Params, files: dict[str, Path]) -> dg.AssetCheckResult:
     from pipelines.split import leakage
 
     splits = {name: read_jsonl(path) for name, path in files.items()}  # streamed: leakage keeps id and text only
-    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
+    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size,
+                   params.clean.boilerplate_share, params.clean.own_similarity_ratio)
     exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
     examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
                  "jaccard": e["jaccard"]} for e in leak.get("examples", [])]

@@ -115,10 +115,19 @@ class CleanConfig(_Section):
     """Cleaning rules, applied in this order; each reports how many rows it touched."""
 
     unicode_form: Literal["NFC", "NFKC", "none"] = Field(
-        "NFKC", description="Unicode normalisation; NFKC folds look-alike characters (full-width, ligatures)."
+        "NFC", description="Unicode normalisation. NFC (default) composes accents and changes no meaning; NFKC also "
+                           "folds full-width letters and ligatures but rewrites x² to x2 and H₂O to H2O, so it is an "
+                           "opt-in. Duplicate detection folds NFKC either way without changing the text."
     )
-    strip_html: bool = Field(True, description="Remove HTML tags and unescape entities.")
-    min_chars: int = Field(2, ge=0, description="Drop rows whose shortest message is shorter than this.")
+    strip_html: bool = Field(
+        True, description="Remove HTML tags and unescape entities, except in rows whose markup is their content "
+                          "(a row about HTML, JSX, XML, tags, snippets; pipelines.clean.markup_is_content)."
+    )
+    min_chars: int = Field(
+        1, ge=0, description="Drop rows with a message that has fewer than this many letters, digits or symbols "
+                             "after cleaning (punctuation and spaces do not count). 1 drops only empty and "
+                             "punctuation-only messages: one-character answers such as '4' or '嗨' are valid."
+    )
     max_chars: int = Field(20_000, gt=0, description="Drop rows whose conversation is longer than this.")
     redact_pii: bool = Field(True, description="Replace emails, phones, cards, IPs and secrets by typed placeholders.")
     exact_dedup: bool = Field(True, description="Drop rows whose normalised text was seen before.")
@@ -128,6 +137,24 @@ class CleanConfig(_Section):
     )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more = more exact, slower.")
     shingle_size: int = Field(3, ge=1, le=10, description="Words per shingle for near-duplicate detection.")
+    boilerplate_share: float = Field(
+        0.1, gt=0, le=1,
+        description="Template text: a line of a user, assistant or tool message found verbatim in at least this share "
+                    "of the rows (and in at least 3), or a system-message line found in 2 rows. Two rows are near "
+                    "duplicates (clean and split) only if they stay similar once the template text both contain is "
+                    "set aside, so a shared system prompt or instruction template is not evidence. 0.1: an "
+                    "instruction used by a tenth of the data is a template; a line that a few near-duplicate rows "
+                    "share is their content."
+    )
+    own_similarity_ratio: float = Field(
+        0.6, gt=0, le=1,
+        description="Rows near-duplicate at a threshold (near_dup_threshold here, split.group_threshold in split) are "
+                    "not duplicates when their own content, the template text both contain set aside (see "
+                    "boilerplate_share), is less than this fraction of that threshold similar: the similarity came "
+                    "from a shared system prompt or template (their own content scores ~0). 0.6: setting text aside "
+                    "also shortens it, so true near duplicates score a little lower on their own content (the same "
+                    "ticket with another greeting: 0.8 own against 0.88 whole)."
+    )
 
 
 class FormatConfig(_Section):

@@ -121,7 +121,8 @@ STAGES: tuple[Stage, ...] = (
         help="deterministic train/validation/test split without leakage",
         description="Deterministic train / validation / test split; near-duplicate groups stay within one split "
         "so nothing leaks from training into evaluation.",
-        params=("split", "clean.num_perm", "clean.shingle_size", "clean.near_dup_threshold"),
+        params=("split", "clean.num_perm", "clean.shingle_size", "clean.near_dup_threshold", "clean.boilerplate_share",
+                "clean.own_similarity_ratio"),
         inputs=("formatted",), outputs=("splits",), code=("pipelines.dedup", _SCHEMAS), kinds=("python", "pandas"),
         versioned=tuple(("splits", f"{name}.jsonl") for name in ("train", "validation", "test")),
     ),

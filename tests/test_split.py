@@ -10,9 +10,10 @@ import pytest
 
 from pipelines import split as sp
 from pipelines.config import SplitConfig, load_params
+from pipelines.dedup import cluster, conversation_text
 from pipelines.io import StageError, read_json, read_jsonl, write_jsonl
 from pipelines.schemas import SplitSchema, validate
-from tests.conftest import write_project
+from tests.conftest import LONG_SYSTEM_PROMPT, write_project
 
 VOCAB = [f"w{k}" for k in range(400)]
 
@@ -204,7 +205,7 @@ def test_run_fails_when_groups_are_looser_than_the_leakage_threshold(tmp_path):
 
 
 @pytest.mark.parametrize(("rows", "overrides", "message"), [
-    ([_row(i, f"question {i} about billing") for i in range(3)], {}, "is empty: 3 rows are too few"),
+    ([_row(i, f"question {i} about billing") for i in range(3)], {}, "of 3 rows is 0.15 rows, less than one"),
     ([_row(i, f"question {i} about billing") for i in range(30)], {"split": {"stratify_by": "meta.team"}},
      "not a field of any row"),
     ([], {}, "no rows to split"),
@@ -219,3 +220,38 @@ def test_run_needs_the_formatted_dataset(tmp_path):
     params = load_params(write_project(tmp_path))
     with pytest.raises(StageError, match="format"):
         sp.run(params)
+
+
+# ------------------------------------------------- issue 12: template text is not evidence of duplication
+
+def _support_row(i: int, question: str, answer: str) -> dict:
+    row = _row(i, question)
+    row["messages"] = [{"role": "system", "content": LONG_SYSTEM_PROMPT}, *row["messages"][:1],
+                       {"role": "assistant", "content": answer}]
+    return row
+
+
+def test_rows_that_share_only_a_system_prompt_form_one_group_each():
+    """Case 09: 20 rows, one long system prompt, 20 different short questions and answers."""
+    rng = random.Random(5)
+    rows = [_support_row(i, _text(rng, 8), _text(rng, 9)) for i in range(20)]
+    cfg = SplitConfig(train=0.85, validation=0.05, test=0.1)
+    whole = cluster([conversation_text(r) for r in rows], cfg.group_threshold)  # the fault: one glued group
+    assert len(set(whole)) < 20
+    splits = sp.split_rows(rows, cfg)
+    assert len({r["group"] for v in splits.values() for r in v}) == 20
+    assert {name: len(v) for name, v in splits.items()} == {"train": 17, "validation": 1, "test": 2}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    pytest.param([_row(i, f"question {i} about billing") for i in range(3)],
+                 "split.validation = 0.05 of 3 rows is 0.15 rows, less than one", id="too-few-rows"),
+    pytest.param([_row(i, "the same question about billing and invoices " + "w" * (i % 2)) for i in range(40)],
+                 "form 2 groups of near duplicates", id="one-group-too-large"),
+])
+def test_an_empty_split_names_its_real_cause(tmp_path, rows, expected):
+    params = _project(tmp_path, rows)
+    with pytest.raises(StageError, match=expected) as err:
+        sp.run(params)
+    if "groups" in expected:
+        assert "the largest holds 20 rows" in str(err.value) and "too few" not in str(err.value)

@@ -2,7 +2,8 @@
 
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
-    python -m pipelines check-params               # validate params.yaml and print it resolved
+    python -m pipelines check-params               # validate params.yaml and print it resolved; also checks
+                                                   # that no output path holds files its stage did not write
 
 User errors (bad params, missing inputs, unreadable data) print one sentence and exit with status 2;
 no traceback. Anything else is a bug and keeps its traceback.
@@ -43,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         if args.stage == "check-params":
+            from pipelines.io import FILE_OUTPUTS, OUTPUTS, claim_output
             from pipelines.preflight import preflight
 
+            for key in (*OUTPUTS, *FILE_OUTPUTS):  # a stage would refuse to replace what it did not write
+                claim_output(params, key, writable=False)
             preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0

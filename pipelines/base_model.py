@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ModelConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, sha256_file, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    sha256_file,
+    sha256_tree,
+    write_json,
+)
 
 SOURCE_FILE = "source.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -207,7 +216,8 @@ def run(params: Params) -> StageResult:
     if cfg.source != "hub" and existing.is_file() and read_json(existing) == source:
         facts = check_output(out, cfg)
         return StageResult("fetch-model", {"base_model": out}, {**source, **facts, "cached": True})
-    with atomic_dir(out) as tmp:
+    claim_output(params, "base_model")
+    with atomic_dir(out, "base_model") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is read by other users (containers, DVC)
         if cfg.source == "gguf_package":
             convert_gguf(locate_gguf(cfg.name), tmp)

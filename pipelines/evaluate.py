@@ -38,7 +38,17 @@ from pandera.errors import SchemaErrors
 from pipelines import report
 from pipelines.chat import TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
 from pipelines.config import EvaluateConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    read_jsonl,
+    require,
+    sha256_tree,
+    write_json,
+)
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
 from pipelines.schemas import SplitSchema, conversation_problem, validate
 
@@ -469,6 +479,8 @@ def run(params: Params) -> StageResult:
     if cfg.primary_metric not in METRICS:
         raise StageError(f"params.yaml evaluate.primary_metric = '{cfg.primary_metric}' is unknown; "
                          f"use one of: {', '.join(METRICS)}")
+    out_dir = claim_output(params, "evaluation")  # before any work: the outputs are the stage's own, and writable
+    claim_output(params, "metrics")
     base_dir = require(params.path("base_model"), "fetch-model")
     adapter_dir = require(params.path("adapter"), "train")
     test_path = require(params.path("splits") / "test.jsonl", "split")
@@ -497,8 +509,7 @@ def run(params: Params) -> StageResult:
         adapter=str(adapter_dir.relative_to(params.root) if adapter_dir.is_relative_to(params.root) else adapter_dir),
     )
     images = report.plots(ctx)
-    out_dir = params.path("evaluation")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "evaluation") as tmp:
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(report.render_html(ctx, images), encoding="utf-8")
@@ -507,7 +518,7 @@ def run(params: Params) -> StageResult:
         (tmp / "eval_loss.csv").write_text(loss_csv(eval_pts, "eval_loss"), encoding="utf-8")
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in result.examples)
-    write_json(params.path("metrics"), result.summary)
+    write_json(claim_output(params, "metrics"), result.summary)  # checked again: evaluation takes minutes
     s = result.summary
     primary = cfg.primary_metric
     figures: dict[str, Any] = {

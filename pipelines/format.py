@@ -46,7 +46,7 @@ import pandera.errors
 
 from pipelines.chat import Message, TemplateError, TokenizedConversation, render_prompt, tokenize_conversation
 from pipelines.config import FormatConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json
 from pipelines.preflight import preflight
 from pipelines.schemas import FormattedSchema, conversation_problem, validate
 
@@ -350,6 +350,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     started = time.perf_counter()
     cfg = params.format
     preflight(params, "format")
+    claim_output(params, "formatted")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("cleaned") / "examples.jsonl", "clean")
     tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
     n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data
@@ -357,7 +358,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     seen_ids: set[str] = set()
     truncated = dropped = 0
     out_dir = params.path("formatted")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "formatted") as tmp:
         with open(tmp / "dataset.jsonl", "w", encoding="utf-8") as data_fh, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_fh:
             for chunk in _formatted_chunks(source, tokenizer, cfg, workers or _usable_cpus()):

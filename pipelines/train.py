@@ -15,18 +15,18 @@ removes an EOS. Batches are grouped by length and padded to their longest row (e
 and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
 
 Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params and code;
-a rerun resumes from the last complete checkpoint there, and refuses one whose stored hash differs.
+a rerun resumes from the last complete checkpoint there whose files load (a corrupt one is named, deleted and
+passed over), and refuses one whose stored hash differs. One training at a time holds the checkpoint folder's lock.
+See pipelines.checkpoints.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import logging
 import os
-import re
 import resource
 import shutil
 import socket
@@ -41,11 +41,12 @@ from typing import Any
 
 import yaml
 
-from pipelines import chat
-from pipelines.base_model import model_hash, source_info
+from pipelines.base_model import source_info
 from pipelines.chat import TemplateError, tokenize_conversation
+from pipelines.checkpoints import FINGERPRINT, drop_incomplete, resume_point, run_fingerprint, training_lock
+from pipelines.checkpoints import _step as _step  # re-exported: pipelines.train._step, run_fingerprint as before
 from pipelines.config import Params, TrainConfig
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_file, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_json, read_jsonl, require, write_json
 from pipelines.preflight import preflight
 from pipelines.runcard import library_versions, render_run_card
 
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 OnLog = Callable[[dict[str, Any]], None]
 ENV_PREFIX = "PIPELINES_TRAIN_"
 LOG_MARK = "@@train-log "  # stdout prefix of a child process's log dict, read back by the launching process
-FINGERPRINT = "fingerprint.json"
 EVAL_TAG = "is_eval"  # column that tells the counting collator a validation row from a train row
 DEVICES, PRECISIONS, LAUNCHERS = ("auto", "cpu", "cuda"), ("auto", "bf16", "fp16", "fp32"), ("in_process", "accelerate")
 
@@ -533,59 +533,6 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
 
 
 # ---------------------------------------------------------------------------------------- checkpoints/resume
-def run_fingerprint(params: Params) -> dict[str, Any]:
-    """What a checkpoint belongs to: hashes of the splits, the base model, the train params and the training code."""
-    splits, base = params.path("splits"), params.path("base_model")
-    parts = {
-        "train_split": sha256_file(splits / "train.jsonl"),
-        "validation_split": sha256_file(splits / "validation.jsonl") if (splits / "validation.jsonl").is_file()
-        else None,
-        "base_model": model_hash(base),
-        "train_params": hashlib.sha256(json.dumps(params.train.model_dump(mode="json"), sort_keys=True).encode())
-        .hexdigest(),
-        "max_length": params.format.max_length,
-        # the code that turns rows into batches and trains on them: a checkpoint of other code is not resumed
-        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat)))
-        .hexdigest(),
-    }
-    run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return {"run_hash": run_hash, "parts": parts}
-
-
-def _step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def resume_point(run_dir: Path, fingerprint: dict[str, Any]) -> Path | None:
-    """The last complete checkpoint of this run (None: start fresh); refuses one written for another run."""
-    if not run_dir.is_dir():
-        return None
-    candidates = sorted((p for p in run_dir.glob("checkpoint-*") if _step(p) >= 0), key=_step)
-    complete = [p for p in candidates if (p / FINGERPRINT).is_file() and (p / "trainer_state.json").is_file()]
-    if not complete:
-        return None
-    last = complete[-1]
-    stored = read_json(last / FINGERPRINT)
-    if stored.get("run_hash") != fingerprint["run_hash"]:
-        changed = [k for k, v in fingerprint["parts"].items() if stored.get("parts", {}).get(k) != v]
-        raise StageError(
-            f"checkpoint '{last}' was written for a different run ({', '.join(changed) or 'run hash'} changed); "
-            "delete that folder to train from scratch, or restore the data and params it was trained with"
-        )
-    return last
-
-
-def drop_incomplete(run_dir: Path) -> list[str]:
-    """Remove checkpoint folders a crash left half-written (no fingerprint): they must not be resumed from."""
-    dropped = []
-    for path in run_dir.glob("checkpoint-*") if run_dir.is_dir() else []:
-        if not (path / FINGERPRINT).is_file():
-            shutil.rmtree(path, ignore_errors=True)
-            dropped.append(path.name)
-    return dropped
-
-
 def _callbacks(fingerprint: dict[str, Any], on_log: OnLog | None) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -702,7 +649,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     run_dir = params.path("checkpoints") / fingerprint["run_hash"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resume = resume_point(run_dir, fingerprint)
+    resume = resume_point(run_dir, fingerprint, remove_corrupt=is_main)  # corrupt ones: named, deleted, passed over
     if is_main:
         drop_incomplete(run_dir)
 
@@ -710,7 +657,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     trainer = build_trainer(model, tokenizer, to_dataset(train_split, is_eval=False),
                             to_dataset(val_split, is_eval=True), cfg, env, run_dir,
                             callbacks=_callbacks(fingerprint, on_log))
-    train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     final_eval = trainer.evaluate() if len(val_split.examples) else {}
     collator: CountingCollator = trainer.data_collator
     # Token counts of every rank (a sum-reduce is the identity in one process).
@@ -733,7 +680,8 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": round(float(state.epoch or 0), 3),
-        "resumed_from_step": _step(resume) if resume else None,
+        "resumed_from_step": resume.step,
+        "corrupt_checkpoints": resume.corrupt,  # one sentence per checkpoint that did not load and was deleted
         "early_stopped": bool(early and early.early_stopping_patience_counter >= early.early_stopping_patience),
         "final_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
         "mean_train_loss": float(train_result.training_loss),
@@ -771,7 +719,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "metrics": metrics,
     }
     out = params.path("adapter")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
@@ -858,10 +806,14 @@ def _stdout_log(logs: dict[str, Any]) -> None:
 def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None) -> StageResult:
     """Train the adapter; `on_log` receives each trainer log dict (step, loss, learning_rate, eval_loss, ...)."""
     preflight(params, "train")  # bad target modules / max_length: one sentence before any model is loaded
+    claim_output(params, "adapter")  # a folder the stage did not write, or cannot replace: before training
     env = env or TrainEnv.auto()
     if on_log is None and os.environ.get(ENV_PREFIX + "LOG_STDOUT") == "1":
         on_log = _stdout_log
     inside_launcher = "WORLD_SIZE" in os.environ
-    if env.launcher == "accelerate" and env.num_processes > 1 and not inside_launcher:
-        return launch_accelerate(params, env, on_log)
-    return train_in_process(params, env, on_log)
+    # One training per checkpoint folder (pipelines.checkpoints): the ranks of a launch hold the lock shared.
+    with training_lock(params.path("checkpoints"), shared=inside_launcher) as lock:
+        if env.launcher == "accelerate" and env.num_processes > 1 and not inside_launcher:
+            lock.share()  # the ranks take it too, and keep it should this launcher be killed
+            return launch_accelerate(params, env, on_log)
+        return train_in_process(params, env, on_log)

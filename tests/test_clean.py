@@ -18,7 +18,7 @@ from pipelines.clean import (
     strip_html,
 )
 from pipelines.config import CleanConfig, load_params
-from pipelines.io import StageError
+from pipelines.io import MARKER, StageError
 from tests.conftest import write_project
 
 
@@ -153,6 +153,7 @@ def test_clean_counts_every_rule():
         "too_short": {"touched": 0, "removed": 1},
         "too_long": {"touched": 0, "removed": 1},
         "pii": {"touched": 3, "removed": 0},  # rows 1, 2, 8 (counted before dedup)
+        "pii_only": {"touched": 0, "removed": 0},
         "exact_duplicate": {"touched": 0, "removed": 2},
         "near_duplicate": {"touched": 0, "removed": 1},
     }
@@ -254,7 +255,8 @@ def test_run_streams_the_same_result_as_clean_in_memory(tmp_path, monkeypatch):
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(quarantine, key=lambda q: q["id"]) == sorted(expected.quarantined, key=lambda q: q["id"])
     assert report == expected.report(params.clean, len(ROWS))
-    assert sorted(p.name for p in out.iterdir()) == ["examples.jsonl", "quarantine.jsonl", "report.json"]  # no spool
+    # no spool left behind; the marker says the clean stage owns the folder
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "examples.jsonl", "quarantine.jsonl", "report.json"]
 
 
 def test_run_refuses_a_repeated_id_across_validation_chunks(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.chat import render_prompt, tokenize_conversation
-from pipelines.config import EvaluateConfig, load_params
+from pipelines.config import ConfigError, EvaluateConfig, load_params
 from pipelines.evaluate import (
     Models,
     completion_nll,
@@ -264,10 +264,10 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
     json.dumps(result.metrics)  # Dagster metadata must be JSON-able
 
 
-def test_run_rejects_unknown_primary_metric(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
-    params = load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
-    with pytest.raises(StageError, match="evaluate.primary_metric = 'bleu'"):
-        run(params)
+def test_unknown_primary_metric_is_refused_at_load(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
+    # params.yaml is refused when loaded (check-params, the first stage of a run), not after training
+    with pytest.raises(ConfigError, match=r"'evaluate.primary_metric' = 'bleu' .* use one of: exact_match, rouge_l"):
+        load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
 
 
 def test_run_names_the_missing_test_split(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):

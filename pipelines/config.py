@@ -80,7 +80,10 @@ def _paths_problem(paths: PathsConfig, root: Path) -> str | None:
     for key, value in paths.model_dump().items():
         path = Path(os.path.realpath(Path(value) if Path(value).is_absolute() else root / value))
         resolved[key] = path
-        tool = next((part for part in path.parts if part in _TOOL_FOLDERS), None)
+        # Only the part below what the path shares with the project: `dvc exp run --temp` runs a project copy
+        # inside .dvc/tmp/exps, whose own paths are fine.
+        below = path.relative_to(os.path.commonpath([root, path])).parts
+        tool = next((part for part in below if part in _TOOL_FOLDERS), None)
         if tool:
             return (f"paths.{key} = '{value}' lies inside '{tool}', where git or DVC keep their own files, and a stage "
                     f"replaces its whole output folder; give paths.{key} a folder of its own, e.g. data/{key}")

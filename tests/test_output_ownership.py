@@ -48,6 +48,15 @@ def test_output_paths_that_would_replace_something_else_are_refused(tmp_path, va
     assert "\n" not in message and key in message and words.format(root=root) in message, message
 
 
+def test_a_project_inside_dvc_tmp_keeps_its_own_paths(tmp_path):
+    """`dvc exp run --temp` (and queued experiments) run a copy of the project under .dvc/tmp/exps/."""
+    root = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmp1234"
+    params = load_params(write_project(root))
+    assert params.path("cleaned") == root.resolve() / "data" / "cleaned"
+    with pytest.raises(ConfigError, match=r"paths.adapter = '.*/repo/.git/x' lies inside '.git'"):
+        load_params(root / "params.yaml", {"paths.adapter": str(tmp_path / "repo" / ".git" / "x")})
+
+
 # --------------------------------------------------------------------------------------- every stage that writes
 
 

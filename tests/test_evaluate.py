@@ -54,8 +54,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)  # before get_peft_model: its lora_A init draws from the global RNG, which earlier tests move
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -2,7 +2,8 @@
 
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
-    python -m pipelines check-params               # validate params.yaml and print it resolved
+    python -m pipelines check-params               # validate params.yaml and print it resolved; also checks
+                                                   # that no output path holds files its stage did not write
     python -m pipelines dvc-yaml [--check]         # write (or compare) dvc.yaml from pipelines/stages.py
 
 The stages and their order come from the stage manifest (pipelines/stages.py). User errors (bad params,
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
         params = load_params(args.params)
         if args.stage == "check-params":
+            from pipelines.io import FILE_OUTPUTS, OUTPUTS, claim_output
             from pipelines.preflight import preflight
 
+            for key in (*OUTPUTS, *FILE_OUTPUTS):  # a stage would refuse to replace what it did not write
+                claim_output(params, key, writable=False)
             preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0

@@ -16,6 +16,10 @@ shows up to SAMPLES before/after excerpts of the rows each text rule changed:
                      or punctuation-only message; one-character answers such as "4" or "嗨" are kept)
     too_long         a conversation longer than clean.max_chars in total
     pii              emails, phones, cards, IPs, secrets -> [EMAIL], ... (clean.redact_pii; pipelines.pii)
+    pii_only         an assistant message that is nothing but placeholders such as [EMAIL] [PHONE] (after
+                     redaction, or as written): an answer that teaches the model to emit a bare placeholder.
+                     A user, system or tool message of only placeholders is kept: the model is not trained
+                     on those tokens, and a user who only gives an address still gets a real answer.
     exact_duplicate  same normalised conversation text as an earlier row (clean.exact_dedup)
     near_duplicate   word-shingle Jaccard >= clean.near_dup_threshold with an earlier kept row (clean.near_dedup),
                      unless their own content, the template text both contain set aside, is less than
@@ -54,7 +58,18 @@ from pipelines.dedup import (
     lsh_params,
     similar_pairs,
 )
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, read_jsonl, require, write_json, write_jsonl
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    chunked,
+    claim_output,
+    read_jsonl,
+    require,
+    write_json,
+    write_jsonl,
+)
+from pipelines.pii import TYPES as PII_TYPES
 from pipelines.pii import redact
 from pipelines.schemas import ConversationSchema, validate
 
@@ -64,10 +79,12 @@ SAMPLES = 3  # before/after samples per rule in the report
 SAMPLE_CHARS = 160  # characters of each sample, starting a little before the first change
 VALIDATE_ROWS = 10_000  # rows per pandera check: the contract is checked in chunks, so memory stays flat
 RULES = (
-    "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii",
+    "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii", "pii_only",
     "exact_duplicate", "near_duplicate",
 )
 _TEXT_RULES = ("unicode", "control_chars", "html", "whitespace")
+# A placeholder of pipelines.pii (e.g. "[EMAIL]"); a message with nothing else but punctuation is "pii only".
+_PLACEHOLDER = re.compile(r"\[(?:" + "|".join(PII_TYPES) + r")\]")
 
 # ------------------------------------------------------------------------------------ text transforms
 
@@ -331,6 +348,15 @@ def _letters(text: str, enough: int) -> int:
             if n >= enough:
                 break
     return n
+def _pii_only_problem(messages: list[dict[str, str]]) -> tuple[str, str] | None:
+    """The pii_only rule: an assistant message with no letter or digit outside PII placeholders."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and _PLACEHOLDER.search(m["content"]) and \
+                not any(c.isalnum() for c in _PLACEHOLDER.sub("", m["content"])):
+            kinds = ", ".join(sorted(set(_PLACEHOLDER.findall(m["content"]))))
+            return "pii_only", (f"message {i} (assistant) is nothing but redacted PII ({kinds}); an answer of "
+                                "placeholders teaches the model nothing")
+    return None
 
 
 def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[str, str] | None:
@@ -412,6 +438,8 @@ class Cleaner:
                 counts["pii"]["touched"] += 1
                 changed.append("pii")
             self.pii += found
+        if problem is None:
+            problem = _pii_only_problem(messages)
         return cleaned, problem, changed
 
     def _location(self, index: int) -> tuple[str, str]:
@@ -563,11 +591,11 @@ def _validated(rows: Iterable[dict[str, Any]], source: Path) -> Iterator[dict[st
 def run(params: Params) -> StageResult:
     """Two streaming passes (see Cleaner): memory grows by ~0.3 KB per row, whatever the rows' size."""
     cfg = params.clean
+    out = claim_output(params, "cleaned")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("raw_examples") / "examples.jsonl", "ingest")
-    out = params.path("cleaned")
     cleaner = Cleaner(cfg)
     failure = None
-    with atomic_dir(out) as tmp, open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine, \
+    with atomic_dir(out, "cleaned") as tmp, open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine, \
             open(tmp / "changes.jsonl", "w", encoding="utf-8") as changes:
 
         def to_quarantine(record: dict[str, Any]) -> None:

@@ -39,7 +39,17 @@ from pandera.errors import SchemaErrors
 from pipelines import report
 from pipelines.chat import RENDER_ERRORS, TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
 from pipelines.config import EvaluateConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    read_jsonl,
+    require,
+    sha256_tree,
+    write_json,
+)
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
 from pipelines.schemas import SplitSchema, conversation_problem, trained, validate
 from pipelines.train_env import TrainEnv
@@ -504,6 +514,8 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
     if cfg.primary_metric not in METRICS:
         raise StageError(f"params.yaml evaluate.primary_metric = '{cfg.primary_metric}' is unknown; "
                          f"use one of: {', '.join(METRICS)}")
+    out_dir = claim_output(params, "evaluation")  # before any work: the outputs are the stage's own, and writable
+    claim_output(params, "metrics")
     base_dir = require(params.path("base_model"), "fetch-model")
     adapter_dir = require(params.path("adapter"), "train")
     test_path = require(params.path("splits") / "test.jsonl", "split")
@@ -536,8 +548,7 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
         adapter=str(adapter_dir.relative_to(params.root) if adapter_dir.is_relative_to(params.root) else adapter_dir),
     )
     images = report.plots(ctx)
-    out_dir = params.path("evaluation")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "evaluation") as tmp:
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(report.render_html(ctx, images), encoding="utf-8")
@@ -546,7 +557,7 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
         (tmp / "eval_loss.csv").write_text(loss_csv(eval_pts, "eval_loss"), encoding="utf-8")
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in result.examples)
-    write_json(params.path("metrics"), result.summary)
+    write_json(claim_output(params, "metrics"), result.summary)  # checked again: evaluation takes minutes
     s = result.summary
     primary = cfg.primary_metric
     figures: dict[str, Any] = {

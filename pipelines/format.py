@@ -72,7 +72,7 @@ from pipelines.chat import (
     tokenize_conversation,
 )
 from pipelines.config import FormatConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json
 from pipelines.preflight import preflight
 from pipelines.schemas import FormattedSchema, conversation_problem, trained, validate
 
@@ -453,6 +453,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     started = time.perf_counter()
     cfg = params.format
     preflight(params, "format")
+    claim_output(params, "formatted")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("cleaned") / "examples.jsonl", "clean")
     tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
     n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data
@@ -462,7 +463,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     seen_ids: set[str] = set()
     truncated = dropped = rows_in = expanded = 0
     out_dir = params.path("formatted")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "formatted") as tmp:
         with open(tmp / "dataset.jsonl", "w", encoding="utf-8") as data_fh, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_fh:
             for chunk in _formatted_chunks(source, tokenizer, cfg, workers or _usable_cpus()):

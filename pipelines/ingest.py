@@ -53,9 +53,13 @@ assistant greeting is kept, and the format stage decides whether the chat templa
 Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) belong to a preference-tuning
 stage and are quarantined as `unsupported_format`; KTO rows with `label: false` are excluded as
 `undesirable_example`. Neither counts as malformed. Nothing bad crashes the stage or costs a good
-row: each bad line is quarantined with its file, line and reason, and a file that cannot be read at
-all gets one sentence in the report; each change made to a kept row is counted in the report's
-`changes` (CHANGES). Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl, report.json.
+row: each bad line is quarantined with its file, line, reason and an excerpt (PII and secrets redacted
+when clean.redact_pii is on, as the data will be), and a file that cannot be read at all gets one
+sentence in the report; each change made to a kept row is counted in the report's `changes` (CHANGES).
+Files are found by `raw_files`: symlinks that leave the project are reported and not read unless
+data.follow_links; dangling links, pipes and hidden files are reported; a file name that is not UTF-8 is
+read and recorded with its bytes escaped. A CSV's delimiter is sniffed (`_read_csv`).
+Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl, report.json.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipelines.config import Params
-from pipelines.io import StageError, StageResult, atomic_dir, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, write_json
+from pipelines.pii import redact
 from pipelines.schemas import ConversationSchema, conversation_problem, trained, validate
 
 STAGE = "ingest"
@@ -82,7 +87,7 @@ EXCERPT_CHARS = 200
 CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds memory on big inputs)
 
 # Rules that remove a row without it being broken: they never count toward data.max_bad_fraction.
-NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example", "all_turns_weight_zero"})
+NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example", "all_turns_weight_zero", "repeated_header"})
 # Changes made to rows that are kept, counted per row in the report (report["changes"]).
 CHANGES = {
     "value_as_text": "numbers, booleans or (tool results) objects in text fields were written as their JSON text",
@@ -729,9 +734,40 @@ def _csv_cell(key: str, value: str) -> Any:
     return value
 
 
+_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+_SNIFF_BYTES = 64 * 1024  # the first lines csv.Sniffer looks at
+
+
+def _delimiter(fh: IO[bytes]) -> str:
+    """The file's delimiter: ',' unless its header line has no comma and csv.Sniffer finds ';', tab or '|'
+    splitting it (Excel in many locales writes ';'). A header that commas split keeps ',' as before."""
+    sample = fh.read(_SNIFF_BYTES)
+    fh.seek(0)
+    lines = [line for line in sample.decode("utf-8", "replace").splitlines() if line.strip()]
+    if len(sample) == _SNIFF_BYTES and len(lines) > 1:
+        lines.pop()  # cut off mid-line
+    if not lines:
+        return ","
+    header = lines[0].removeprefix("\ufeff")
+    if len(next(csv.reader([header]))) > 1:
+        return ","
+    try:
+        found = csv.Sniffer().sniff("\n".join(lines[:50]), delimiters="".join(_DELIMITERS)[1:]).delimiter
+    except csv.Error:  # too few lines to agree on one: the header alone decides
+        found = max(list(_DELIMITERS)[1:], key=header.count)
+    return found if len(next(csv.reader([header], delimiter=found))) > 1 else ","
+
+
 def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
-    """Streamed with the csv module; a record spanning lines gets the number of its first line."""
+    """Streamed with the csv module; a record spanning lines gets the number of its first line.
+
+    The delimiter is sniffed (`_delimiter`): a ';'-, tab- or '|'-delimited export is read with it, and the
+    report says so. A record equal to the header (concatenated exports: `cat a.csv b.csv`, each with its
+    header and maybe a BOM) is never a row: it is quarantined as `repeated_header`, which is not counted as
+    malformed. A BOM is dropped at the start of every line, not only the first.
+    """
     overlong: list[int] = []
+    repeated: list[int] = []
 
     def lines(fh: IO[bytes]) -> Iterator[str]:
         for number, raw, too_long in _physical_lines(fh, limit):
@@ -739,7 +775,7 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                 overlong.append(number)
                 yield "\n"  # keeps csv's line count aligned with the file; a blank record is skipped
                 continue
-            yield (raw.removeprefix(_BOM) if number == 1 else raw).decode("utf-8", "surrogateescape")
+            yield raw.removeprefix(_BOM).decode("utf-8", "surrogateescape")
 
     previous_limit = csv.field_size_limit(limit)  # an unclosed quote must not swallow the whole file
     try:
@@ -747,7 +783,12 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
             if rejected := _unreadable(fh, notes):
                 yield rejected
                 return
-            reader = csv.reader(lines(fh))
+            delimiter = _delimiter(fh)
+            name = _DELIMITERS[delimiter]
+            if delimiter != ",":
+                notes.append(f"is {name}-delimited (its header line has no comma), so it was read with "
+                             f"{delimiter!r} as the delimiter")
+            reader = csv.reader(lines(fh), delimiter=delimiter)
             header: list[str] | None = None
             end = 0
             while True:
@@ -769,16 +810,25 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                     continue
                 elif header is None:
                     header = [cell.strip() for cell in row]
+                elif sorted(cell.strip() for cell in row) == sorted(header):
+                    repeated.append(begin)
+                    yield Record(begin, text=delimiter.join(row)[:EXCERPT_CHARS], problem=Rejection(
+                        "line repeats the header (files concatenated with their headers?); it is not a row",
+                        "repeated_header"))
                 elif len(row) != len(header):
                     where = f"record on lines {begin}-{end}" if end > begin else "record"
-                    yield Record(begin, text=",".join(row)[:EXCERPT_CHARS], problem=Rejection(
+                    yield Record(begin, text=delimiter.join(row)[:EXCERPT_CHARS], problem=Rejection(
                         f"{where} has {len(row)} fields but the header has {len(header)}; quote fields that contain "
-                        "commas or newlines, and close every quote", "malformed_csv"))
+                        f"{name}s or newlines, and close every quote", "malformed_csv"))
                 else:
                     obj = {k: _csv_cell(k, v) for k, v in zip(header, row, strict=True)}
-                    yield Record(begin, obj, ",".join(row)[:EXCERPT_CHARS])
+                    yield Record(begin, obj, delimiter.join(row)[:EXCERPT_CHARS])
     finally:
         csv.field_size_limit(previous_limit)
+        if repeated:
+            shown = ", ".join(map(str, repeated[:5])) + (", ..." if len(repeated) > 5 else "")
+            notes.append(f"repeats its header line at line {shown} (exports concatenated with their headers?); "
+                         f"{_rows(len(repeated))} quarantined as repeated_header, not read as data")
 
 
 def _read_parquet(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
@@ -842,8 +892,9 @@ class FileReport:
 class _Sink:
     """Kept rows are validated against the row contract in chunks, then written; rejects go straight out."""
 
-    def __init__(self, examples: IO[str], quarantine: IO[str]) -> None:
+    def __init__(self, examples: IO[str], quarantine: IO[str], redact_pii: bool = True) -> None:
         self.examples, self.quarantine = examples, quarantine
+        self.redact_pii = redact_pii  # clean.redact_pii: the quarantine must not keep what the data has redacted
         self.rows: list[dict[str, Any]] = []
         self.lines: list[str] = []
 
@@ -860,8 +911,11 @@ class _Sink:
         self.rows, self.lines = [], []
 
     def reject(self, source: str, record: Record, why: Rejection) -> None:
-        entry = {"source": source, "line": record.line, "stage": STAGE, "rule": why.rule, "reason": str(why),
-                 "excerpt": _excerpt(record), **record.extra}
+        excerpt, reason = _excerpt(record), str(why)
+        if self.redact_pii:  # the excerpt is raw input, and a reason may quote keys or values of the row
+            excerpt, reason = redact(excerpt)[0], redact(reason)[0]
+        entry = {"source": source, "line": record.line, "stage": STAGE, "rule": why.rule, "reason": reason,
+                 "excerpt": excerpt, **record.extra}
         self.quarantine.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
@@ -943,13 +997,69 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileRe
     return report
 
 
+def _printable(path: str | Path) -> str:
+    """A path as text that UTF-8 can hold: bytes of a name that are not UTF-8 (a Latin-1 name from a zip) become
+    backslash escapes, e.g. data/raw/caf\\xe9.jsonl; a UTF-8 name stays as it is."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _relative(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    """The path relative to `root` as a report, a quarantine entry and a row id hold it (see _printable)."""
+    return _printable(Path(os.path.relpath(path, root)).as_posix())
 
 
-def raw_files(raw_dir: Path) -> list[Path]:
-    """Every file under raw_dir, recursively, in a stable order (sorted relative paths)."""
-    return sorted((p for p in raw_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(raw_dir).as_posix())
+def _undecodable_name(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def raw_files(raw_dir: Path, root: Path | None = None, follow_links: bool = False) -> list[tuple[Path, str | None]]:
+    """Every file under raw_dir, recursively, in a stable order (sorted relative paths): (path, None) for a file
+    to read, (path, why) for one that is not read, so that nothing is skipped in silence.
+
+    Symlinks are followed when their target lies inside the project folder `root` or inside raw_dir's real
+    folder (a linked folder is walked once, however often it is linked). A link that leaves both is not
+    read unless `follow_links` (data.follow_links): a committed link must not copy a file such as
+    /etc/passwd or a key into the outputs. Dangling links and pipes, sockets or devices are reported.
+    """
+    real_raw = Path(os.path.realpath(raw_dir))
+    zones = (real_raw, Path(os.path.realpath(root or raw_dir)))
+    found: list[tuple[Path, str | None]] = []
+    walked = {real_raw}
+
+    def walk(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            found.append((folder, f"folder cannot be read ({exc.strerror}); check its permissions"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            real = Path(os.path.realpath(path))  # a link loop resolves to a path that does not exist
+            if entry.is_symlink():
+                if not real.exists():
+                    found.append((path, f"is a symlink to '{_printable(os.readlink(path))}', which does not exist (or "
+                                        "is a loop of links); fix or remove the link"))
+                    continue
+                if not follow_links and not any(real.is_relative_to(zone) for zone in zones):
+                    found.append((path, f"is a symlink to '{_printable(real)}', outside the project, so it was not "
+                                        "read; copy the file into the project, or set data.follow_links: true to "
+                                        "read such links"))
+                    continue
+            if real.is_dir():
+                if real not in walked:
+                    walked.add(real)
+                    walk(path)
+            elif real.is_file():
+                found.append((path, None))
+            else:
+                found.append((path, "is not a regular file (a pipe, socket or device), so it was not read"))
+
+    walk(raw_dir)
+    return sorted(found, key=lambda item: os.fsencode(item[0].relative_to(raw_dir).as_posix()))
 
 
 def run(params: Params) -> StageResult:
@@ -958,20 +1068,29 @@ def run(params: Params) -> StageResult:
     if not raw_dir.is_dir():
         raise StageError(f"raw data folder '{raw_rel}' does not exist; create it and put JSONL, JSON, CSV or "
                          "Parquet files in it (paths.raw_dir in params.yaml)")
+    claim_output(params, "raw_examples")  # before any work: the folder is the stage's own, and writable
     examples_path, quarantine_path = out / "examples.jsonl", out / "quarantine.jsonl"
     reports: list[FileReport] = []
-    with atomic_dir(out) as tmp:
+    skipped = 0
+    with atomic_dir(out, "raw_examples") as tmp:
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as ex, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qu:
-            sink = _Sink(ex, qu)
-            for path in raw_files(raw_dir):
+            sink = _Sink(ex, qu, params.clean.redact_pii)
+            for path, problem in raw_files(raw_dir, params.root, params.data.follow_links):
                 source = _relative(path, params.root)
-                if any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
-                    reports.append(FileReport(source, messages=[f"{source}: hidden file, skipped"]))
+                if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
+                    problem = "hidden file, skipped"
+                if problem is not None:
+                    skipped += 1
+                    reports.append(FileReport(source, messages=[f"{source}: {problem}"]))
                     continue
-                reports.append(_ingest_file(path, source, params, sink))
+                report = _ingest_file(path, source, params, sink)
+                if "\\x" in source and _undecodable_name(path):
+                    report.messages.append(f"{source}: the file name is not valid UTF-8, so it is recorded with the "
+                                           "undecodable bytes escaped; rename the file to a UTF-8 name")
+                reports.append(report)
             sink.flush()
-        summary = _summary(reports, params)
+        summary = {**_summary(reports, params), "files_skipped": skipped}
         failure = _failure(summary, raw_rel, _relative(quarantine_path, params.root), params)
         if failure:
             (tmp / "examples.jsonl").unlink()  # downstream stages must not consume a failed ingest

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import Params, SplitConfig
 from pipelines.dedup import components, conversation_lines, conversation_text, exact_key, similar_pairs
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json, write_jsonl
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json, write_jsonl
 from pipelines.schemas import SplitSchema, validate
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ def run(params: Params) -> StageResult:
     by offset, validates them in chunks and writes them.
     """
     cfg = params.split
+    out_dir = claim_output(params, "splits")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("formatted") / "dataset.jsonl", "format")
     scan = _scan(source, cfg.stratify_by)
     n = len(scan.ids)
@@ -316,8 +317,7 @@ def run(params: Params) -> StageResult:
         )
     report = _report(names, groups, scan.strata, cfg, leak)
     scan.lines.clear()
-    out_dir = params.path("splits")
-    with atomic_dir(out_dir) as tmp, open(source, "rb") as fh:
+    with atomic_dir(out_dir, "splits") as tmp, open(source, "rb") as fh:
 
         def rows(order: list[int]) -> Iterator[dict[str, Any]]:
             for i in order:

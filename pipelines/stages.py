@@ -95,7 +95,8 @@ STAGES: tuple[Stage, ...] = (
         help="read data/raw/ and normalise every row to one conversation schema",
         description="Every raw row normalised to one conversation schema (messages ending with an assistant "
         "turn); malformed rows go to quarantine.jsonl with file, line and reason.",
-        params=("data",), inputs=("raw_dir",), outputs=("raw_examples",), code=(_SCHEMAS,),
+        params=("data", "clean.redact_pii"), inputs=("raw_dir",), outputs=("raw_examples",),
+        code=("pipelines.pii", _SCHEMAS),
         kinds=("python", "pandas"), versioned=(("raw_examples", "examples.jsonl"),),
     ),
     Stage(

@@ -20,7 +20,7 @@ from pipelines.clean import (
 )
 from pipelines.config import CleanConfig, load_params
 from pipelines.dedup import conversation_text, near_duplicate_pairs
-from pipelines.io import StageError
+from pipelines.io import MARKER, StageError
 from tests.conftest import LONG_SYSTEM_PROMPT, write_project
 
 
@@ -155,6 +155,7 @@ def test_clean_counts_every_rule():
         "too_short": {"touched": 0, "removed": 1},
         "too_long": {"touched": 0, "removed": 1},
         "pii": {"touched": 3, "removed": 0},  # rows 1, 2, 8 (counted before dedup)
+        "pii_only": {"touched": 0, "removed": 0},
         "exact_duplicate": {"touched": 0, "removed": 2},
         "near_duplicate": {"touched": 0, "removed": 1},
     }
@@ -267,8 +268,9 @@ def test_run_streams_the_same_result_as_clean_in_memory(tmp_path, monkeypatch):
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(quarantine, key=lambda q: q["id"]) == sorted(expected.quarantined, key=lambda q: q["id"])
     assert report == expected.report(params.clean, len(ROWS))
-    assert sorted(p.name for p in out.iterdir()) == ["changes.jsonl", "examples.jsonl", "quarantine.jsonl",
-                                                     "report.json"]  # no spool
+    # no spool left behind; the marker says the clean stage owns the folder
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "changes.jsonl", "examples.jsonl", "quarantine.jsonl",
+                                                     "report.json"]
 
 
 def test_run_refuses_a_repeated_id_across_validation_chunks(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.chat import tokenize_conversation, tokenize_prompt
-from pipelines.config import EvaluateConfig, load_params
+from pipelines.config import ConfigError, EvaluateConfig, load_params
 from pipelines.evaluate import (
     Models,
     completion_nll,
@@ -54,8 +54,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)  # before get_peft_model: its lora_A init draws from the global RNG, which earlier tests move
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -265,10 +265,10 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
     json.dumps(result.metrics)  # Dagster metadata must be JSON-able
 
 
-def test_run_rejects_unknown_primary_metric(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
-    params = load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
-    with pytest.raises(StageError, match="evaluate.primary_metric = 'bleu'"):
-        run(params)
+def test_unknown_primary_metric_is_refused_at_load(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
+    # params.yaml is refused when loaded (check-params, the first stage of a run), not after training
+    with pytest.raises(ConfigError, match=r"'evaluate.primary_metric' = 'bleu' .* use one of: exact_match, rouge_l"):
+        load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
 
 
 def test_run_names_the_missing_test_split(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):

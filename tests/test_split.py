@@ -9,7 +9,7 @@ import pandera.errors
 import pytest
 
 from pipelines import split as sp
-from pipelines.config import SplitConfig, load_params
+from pipelines.config import ConfigError, SplitConfig, load_params
 from pipelines.dedup import cluster, conversation_text
 from pipelines.io import StageError, read_json, read_jsonl, write_jsonl
 from pipelines.schemas import SplitSchema, validate
@@ -195,10 +195,18 @@ def test_run_writes_splits_and_report(tmp_path):
     assert {name: (out / f"{name}.jsonl").read_bytes() for name in sp.SPLITS} == before
 
 
+def test_groups_looser_than_the_leakage_threshold_are_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"split.group_threshold = 0.95 is above clean.near_dup_threshold = 0.5"):
+        load_params(write_project(tmp_path, {"split": {"group_threshold": 0.95}, "clean": {"near_dup_threshold": 0.5}}))
+
+
 def test_run_fails_when_groups_are_looser_than_the_leakage_threshold(tmp_path):
     rows, _ = _dataset(families=30)
-    # Near duplicates (Jaccard ~0.83) are not grouped at 0.95 but count as leakage at 0.5.
-    params = _project(tmp_path, rows, split={"group_threshold": 0.95}, clean={"near_dup_threshold": 0.5})
+    # Near duplicates (Jaccard ~0.83) are not grouped at 0.95 but count as leakage at 0.5. load_params refuses
+    # these params; model_copy does not validate, so the stage's own guard is tested here.
+    params = _project(tmp_path, rows)
+    params = params.model_copy(update={"split": params.split.model_copy(update={"group_threshold": 0.95}),
+                                       "clean": params.clean.model_copy(update={"near_dup_threshold": 0.5})})
     with pytest.raises(StageError, match="group_threshold"):
         sp.run(params)
     assert not params.path("splits").exists()

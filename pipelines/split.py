@@ -113,11 +113,37 @@ def assign_groups(sizes: dict[str, int], strata: dict[str, str], cfg: SplitConfi
     return assigned
 
 
+def join_families(groups: Sequence[str], families: Sequence[str]) -> list[str]:
+    """Groups joined so that rows of one family (a non-empty `expanded_from`: the rows the format stage made of one
+    conversation for a template that rewrites history) share one group, named by its smallest group key."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g] = parent.get(parent[g], parent[g])
+        return g
+
+    first_of: dict[str, str] = {}
+    for group, family in zip(groups, families, strict=True):
+        if not family:
+            continue
+        if family not in first_of:
+            first_of[family] = group
+            continue
+        a, b = find(first_of[family]), find(group)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [find(g) for g in groups]
+
+
 def plan(keys: Sequence[str], lines: Sequence[str], strata: Sequence[str], cfg: SplitConfig, num_perm: int = 128,
-         shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> tuple[list[str], list[str]]:
-    """(group, split name) of each row from its exact key, conversation lines and stratum (see group_keys);
-    a pure function of content."""
+         shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6,
+         families: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(group, split name) of each row from its exact key, conversation lines and stratum (see group_keys), the
+    rows of one expanded conversation (`families`) kept in one group; a pure function of content."""
     groups = group_keys(keys, lines, cfg.group_threshold, num_perm, shingle_size, boilerplate_share, own_ratio)
+    if families is not None and any(families):
+        groups = join_families(groups, families)
     sizes = Counter(groups)
     votes: dict[str, Counter[str]] = defaultdict(Counter)
     for group, stratum in zip(groups, strata, strict=True):
@@ -134,7 +160,7 @@ def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int =
     strata = [stratum_of(r, cfg.stratify_by) if cfg.stratify_by else "" for r in rows]
     keys = [exact_key(conversation_text(r)) for r in rows]
     groups, names = plan(keys, [conversation_lines(r) for r in rows], strata, cfg, num_perm, shingle_size,
-                         boilerplate_share, own_ratio)
+                         boilerplate_share, own_ratio, [str(r.get("expanded_from") or "") for r in rows])
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     for row, group, name in zip(rows, groups, names, strict=True):
         out[name].append({**row, "group": group})
@@ -259,6 +285,7 @@ class _Scan:
     keys: list[str] = field(default_factory=list)  # exact_key(conversation_text): identity and group names
     lines: list[str] = field(default_factory=list)  # conversation_lines, for grouping and the leakage check
     strata: list[str] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)  # expanded_from ('' for none): one conversation, one group
     has_field: bool = False  # any row has split.stratify_by
 
 
@@ -273,6 +300,7 @@ def _scan(source: Path, stratify_by: str | None) -> _Scan:
                 scan.ids.append(str(row.get("id")))
                 scan.keys.append(exact_key(conversation_text(row)))
                 scan.lines.append(conversation_lines(row))
+                scan.families.append(str(row.get("expanded_from") or ""))
                 label = ""
                 if stratify_by:
                     scan.has_field |= field_value(row, stratify_by) is not None
@@ -301,7 +329,7 @@ def run(params: Params) -> StageResult:
                          "use a dotted field such as 'meta.category', or null")
     clean = params.clean
     groups, names = plan(scan.keys, scan.lines, scan.strata, cfg, clean.num_perm, clean.shingle_size,
-                         clean.boilerplate_share, clean.own_similarity_ratio)
+                         clean.boilerplate_share, clean.own_similarity_ratio, scan.families)
     counts = Counter(names)
     for name in SPLITS:
         if not counts[name] and getattr(cfg, name) > 0:

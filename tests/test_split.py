@@ -263,3 +263,35 @@ def test_an_empty_split_names_its_real_cause(tmp_path, rows, expected):
         sp.run(params)
     if "groups" in expected:
         assert "the largest holds 20 rows" in str(err.value) and "too few" not in str(err.value)
+
+
+@pytest.mark.parametrize(("groups", "families", "joined"), [
+    (["a", "b", "c"], ["", "", ""], ["a", "b", "c"]),
+    (["b", "c", "a"], ["x", "x", ""], ["b", "b", "a"]),  # one conversation's rows share the smaller group
+    (["d", "c", "b", "a"], ["x", "y", "x", "y"], ["b", "a", "b", "a"]),
+    (["c", "b", "a"], ["x", "y", "x"], ["a", "b", "a"]),
+    (["c", "b", "a", "c"], ["x", "x", "y", "y"], ["a", "a", "a", "a"]),  # joined through the shared group c
+])
+def test_rows_expanded_from_one_conversation_share_a_group(groups, families, joined):
+    from pipelines.split import join_families
+
+    assert join_families(groups, families) == joined
+
+
+def test_expanded_rows_never_straddle_splits():
+    """The format stage expands a conversation into one row per trained turn for templates that rewrite history
+    (Qwen3, DeepSeek-R1); those rows differ as texts but are one conversation: one group, one split."""
+    rows = []
+    for i in range(40):
+        base = {"source": "f", "line": i + 1, "format": "messages", "n_tokens": 9, "n_completion_tokens": 2,
+                "truncated": False}
+        turns = [{"role": "user", "content": f"question {i} about topic {i * 7919 % 97}"},
+                 {"role": "assistant", "content": f"answer {i}"},
+                 {"role": "user", "content": f"follow up {i} on item {i * 104729 % 89}"},
+                 {"role": "assistant", "content": f"second answer {i}"}]
+        rows.append({**base, "id": f"r{i}-1", "expanded_from": f"r{i}", "messages": turns[:2]})
+        rows.append({**base, "id": f"r{i}-2", "expanded_from": f"r{i}", "messages": turns})
+    out = sp.split_rows(rows, SplitConfig(seed=3))
+    where = {r["id"]: name for name, split in out.items() for r in split}
+    assert all(where[f"r{i}-1"] == where[f"r{i}-2"] for i in range(40))
+    assert len({name for name in where.values()}) == 3

@@ -30,6 +30,7 @@ from pipelines.config import Params
 from pipelines.io import chunked, read_json, read_jsonl, sha256_tree, write_json
 from pipelines.records import RECORD
 from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
+from pipelines.schemas import failures as schema_failures
 from resources.project import ProjectResource
 
 CHUNK_ROWS = 5000  # rows validated at once: bounded memory on large files
@@ -60,13 +61,10 @@ def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg
             try:
                 validate(schema, chunk)
             except pandera.errors.SchemaErrors as exc:
-                cases = exc.failure_cases
-                n_failures += len(cases)
-                for case in cases.head(SHOWN_FAILURES).to_dict("records"):
-                    index = case.get("index")
-                    row = n + int(index) + 1 if isinstance(index, (int, float)) and not math.isnan(index) else ""
-                    failures.append({"file": name, "column": case.get("column"), "check": case.get("check"),
-                                     "row": row, "value": str(case.get("failure_case"))[:80]})
+                found = schema_failures(exc, offset=n)  # the one reading of pandera's failure cases
+                n_failures += len(found)
+                failures += [{"file": name, "column": f.column, "check": f.check, "row": f.row or "", "value": f.value}
+                             for f in found[:SHOWN_FAILURES]]
             for i, row in enumerate(chunk):
                 if row.get("id") in seen:
                     n_failures += 1

@@ -71,7 +71,7 @@ from pipelines.io import (
 )
 from pipelines.pii import TYPES as PII_TYPES
 from pipelines.pii import redact
-from pipelines.schemas import ConversationSchema, validate
+from pipelines.schemas import ConversationSchema, describe_failures, validate
 
 STAGE = "clean"
 EXCERPT_CHARS = 200
@@ -574,17 +574,14 @@ def _validated(rows: Iterable[dict[str, Any]], source: Path) -> Iterator[dict[st
     """The rows, checked against the row contract VALIDATE_ROWS at a time (ids: unique across all chunks)."""
     seen: set[str] = set()
     for chunk in chunked(rows, VALIDATE_ROWS):
-        problem = None
+        what, fix = f"the cleaned rows from '{source}'", "re-run the ingest stage, and report a bug if it persists"
         try:
             validate(ConversationSchema, chunk)
         except (SchemaError, SchemaErrors) as exc:
-            problem = str(exc).strip().splitlines()[0][:300]
+            raise StageError(describe_failures(exc, what, fix)) from None
         duplicate = next((r["id"] for r in chunk if r["id"] in seen or seen.add(r["id"])), None)
-        if problem is None and duplicate is not None:
-            problem = f"id {duplicate} appears twice"
-        if problem:
-            raise StageError(f"cleaned rows from '{source}' break the row contract ({problem}); re-run the ingest "
-                             "stage, and report a bug if it persists")
+        if duplicate is not None:
+            raise StageError(f"{what} breaks the row contract: the id {duplicate} appears twice; {fix}")
         yield from chunk
 
 

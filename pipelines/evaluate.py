@@ -51,7 +51,7 @@ from pipelines.io import (
     write_json,
 )
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
-from pipelines.schemas import SplitSchema, conversation_problem, trained, validate
+from pipelines.schemas import SplitSchema, conversation_problem, describe_failures, trained, validate
 from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,7 @@ def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]
     try:  # the row contract of the split stage, checked again at this stage's boundary
         validate(SplitSchema, rows)
     except SchemaErrors as exc:
-        cases = exc.failure_cases
-        column_cases = cases[cases["schema_context"] == "Column"]
-        first = (column_cases if len(column_cases) else cases).iloc[0]
-        where = f"line {int(first['index']) + 1}" if str(first["index"]).isdigit() else "the file"
-        what = (f"column '{first['column']}' fails {first['check']}" if first["schema_context"] == "Column"
-                else f"fails the check '{first['check']}'")
-        raise StageError(f"test split '{path}' breaks the row contract at {where}: {what}; "
-                         "re-run the 'split' stage") from None
+        raise StageError(describe_failures(exc, f"test split '{path}'", "re-run the 'split' stage")) from None
     return rows
 
 

@@ -74,7 +74,7 @@ from pipelines.chat import (
 from pipelines.config import FormatConfig, Params
 from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json
 from pipelines.preflight import preflight
-from pipelines.schemas import FormattedSchema, conversation_problem, trained, validate
+from pipelines.schemas import FormattedSchema, conversation_problem, describe_failures, trained, validate
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +346,7 @@ def _schema_problem(rows: list[dict[str, Any]]) -> str | None:
     try:
         validate(FormattedSchema, rows)
     except pandera.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
-        first = cases.iloc[0]
-        return (f"{len(cases)} failure(s) of FormattedSchema, first: column {first['column']!r}, "
-                f"check {first['check']!r}, value {str(first['failure_case'])[:80]!r}")
+        return describe_failures(exc, "the formatted rows (FormattedSchema)", "this is a bug in the format stage")
     return None
 
 
@@ -472,8 +469,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
                         raise StageError(f"'{source}' has the id {row_id!r} twice; re-run the clean stage")
                     seen_ids.add(row_id)
                 if chunk.problem:
-                    raise StageError(f"formatted rows from '{source}' break the data contract: {chunk.problem}; "
-                                     "this is a bug in the format stage, please report it")
+                    raise StageError(f"{chunk.problem} (rows from '{source}'), please report it")
                 data_fh.write(chunk.data)
                 quarantine_fh.write(chunk.quarantine)
                 n_tokens.extend(chunk.n_tokens)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from pipelines.config import Params, SplitConfig
 from pipelines.dedup import components, conversation_lines, conversation_text, exact_key, similar_pairs
 from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json, write_jsonl
-from pipelines.schemas import SplitSchema, validate
+from pipelines.schemas import SplitSchema, describe_failures, validate
 
 log = logging.getLogger(__name__)
 
@@ -230,24 +230,19 @@ def empty_split_reason(name: str, groups: Sequence[str], strata: Sequence[str], 
 
 def _validated(name: str, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The rows of one split, checked against SplitSchema VALIDATE_ROWS at a time (memory stays flat)."""
-    previous = None
+    previous, seen = None, 0
     for chunk in chunked(rows, VALIDATE_ROWS):
-        failure: tuple[int, str, str] | None = None
+        what, fix = f"split '{name}'", "re-run the format stage"
         try:
             validate(SplitSchema, chunk)
         except pandera.errors.SchemaErrors as exc:
-            first = exc.failure_cases.iloc[0]
-            failure = (len(exc.failure_cases), first["column"], first["check"])
+            raise StageError(describe_failures(exc, what, fix, offset=seen)) from None
         ids = [str(r.get("id")) for r in chunk]  # sorted: a repeated id sits next to itself, across chunks too
-        repeats = sum(a == b for a, b in zip([previous, *ids], ids, strict=False))
-        if failure is None and repeats:
-            failure = (repeats, "id", "field_uniqueness")
-        if failure:
-            raise StageError(
-                f"split '{name}' breaks the data contract ({failure[0]} failure(s), first: column "
-                f"{failure[1]!r}, check {failure[2]!r}); re-run the format stage"
-            )
-        previous = ids[-1]
+        repeats = [i for i, (a, b) in enumerate(zip([previous, *ids], ids, strict=False)) if a == b]
+        if repeats:
+            raise StageError(f"{what} breaks the row contract ({len(repeats)} failure(s)) at line "
+                             f"{seen + repeats[0] + 1}: column 'id' fails field_uniqueness; {fix}")
+        previous, seen = ids[-1], seen + len(chunk)
         yield from chunk
 
 

@@ -712,3 +712,24 @@ def test_every_row_quarantined_names_the_reasons_not_no_data_files(tmp_path):
         ingest.run(load_params(project(tmp_path, {"a.jsonl": "{bad\n{worse\n[1]\n"})))
     assert "no data files" not in str(err.value)
     assert "every row was quarantined (malformed_json: 2, invalid_row: 1)" in str(err.value)
+
+
+@pytest.mark.parametrize(("rows", "sentence"), [
+    ([{"id": "a", "source": "f", "line": 0, "format": "messages",
+       "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+     "rows breaks the row contract (1 failure(s)) at line 1: column 'line' fails greater_than_or_equal_to(1); fix"),
+    ([{"id": "a", "source": "f", "line": 1, "format": "messages", "messages": [{"role": "user", "content": "q"}]},
+      {"id": "b", "source": "f", "line": 2, "format": "messages", "messages": "not a list"}],
+     "rows breaks the row contract (2 failure(s)) at line 1: column 'messages' fails messages must be a valid "
+     "conversation; fix"),
+])
+def test_pandera_failures_are_worded_by_one_function(rows, sentence):
+    """Every stage and check words a broken data contract through pipelines.schemas.describe_failures."""
+    import pandera.errors
+
+    from pipelines.schemas import ConversationSchema, describe_failures, failures, validate
+
+    with pytest.raises(pandera.errors.SchemaErrors) as err:
+        validate(ConversationSchema, rows)
+    assert describe_failures(err.value, "rows", "fix") == sentence
+    assert [f.row for f in failures(err.value, offset=10)][0] == 11

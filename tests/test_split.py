@@ -152,7 +152,7 @@ def test_split_schema_requires_a_group():
     validate(SplitSchema, grouped)
     with pytest.raises(pandera.errors.SchemaErrors):
         validate(SplitSchema, rows)
-    with pytest.raises(StageError, match="split 'test' breaks the data contract"):
+    with pytest.raises(StageError, match="split 'test' breaks the row contract"):
         list(sp._validated("test", [{**grouped[0], "n_completion_tokens": 99}]))
 
 

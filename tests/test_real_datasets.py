@@ -21,8 +21,11 @@ from tests.conftest import SHARED_DATASETS, build_tiny_model, tiny_overrides, wr
 pytestmark = pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"{SHARED_DATASETS} is absent")
 
 # name: (rows read, rows ingested, ingest rules, rows cleaned, clean rules that removed rows)
+# alpaca row 92 ("Generate a hypothetical phone number." -> "(555) 123-4567") is the one deliberate loss: PII
+# redaction leaves the answer "[PHONE]", which teaches nothing, so the pii_only rule quarantines it (issue 13
+# kind 7); with clean.redact_pii off it is kept.
 EXPECTED = {
-    "alpaca_en_demo.json": (999, 999, {}, 985, {"exact_duplicate": 14}),
+    "alpaca_en_demo.json": (999, 999, {}, 984, {"exact_duplicate": 14, "pii_only": 1}),
     "identity.json": (91, 91, {}, 91, {}),
     "glaive_toolcall_en_demo.json": (300, 300, {}, 259, {"exact_duplicate": 38, "near_duplicate": 3}),
     "kto_en_demo.json": (300, 150, {"undesirable_example": 150}, 150, {}),
@@ -74,10 +77,14 @@ def test_real_sft_file_loses_no_good_row(stages, name):
     removed = {rule: c["removed"] for rule, c in got["clean"]["rules"].items() if c["removed"]}
     assert (got["clean"]["rows_out"], removed) == (cleaned, clean_rules)
     assert (got["format"]["rows_out"], got["format"]["quarantined"]) == (cleaned, 0)
-    # The only rows clean removes are duplicates of a row it kept: the same conversation, or (near) one word apart.
+    # The only rows clean removes are duplicates of a row it kept: the same conversation, or (near) one word apart,
+    # and answers that redaction left as nothing but placeholders (pii_only, counted above).
     by_id = {r["id"]: r for r in got["ingested"]}
     kept_ids = {r["id"] for r in got["cleaned"]}
     for q in got["clean_quarantine"]:
+        if q["rule"] == "pii_only":
+            assert "[PHONE]" in q["reason"] or "PHONE" in q["reason"]
+            continue
         assert q["duplicate_of"] in kept_ids
         if q["rule"] == "exact_duplicate":  # (of a copy that went as a near duplicate of the kept row)
             twin, dup = by_id[q.get("duplicate_of_copy", q["duplicate_of"])]["messages"], by_id[q["id"]]["messages"]

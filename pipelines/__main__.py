@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -74,7 +75,8 @@ def run_and_record(stage: Stage, params: Params) -> StageResult:
     started = time.perf_counter()
     result = importlib.import_module(stage.module).run(params)
     result.metrics.setdefault("wall_time_s", round(time.perf_counter() - started, 2))
-    records.write(stage, params, result, card, door="cli")
+    if int(os.environ.get("RANK", "0")) == 0 and "WORLD_SIZE" not in os.environ:
+        records.write(stage, params, result, card, door="cli")  # the launching process records a launched run
     return result
 
 

@@ -111,6 +111,7 @@ def _exchange(a: Path, b: Path) -> bool:
 # ------------------------------------------------------------------------------------------ output ownership
 
 MARKER = ".pipelines-output"
+RUN_RECORD = ".run.json"  # pipelines.records: what a run made, written beside its output (never foreign to it)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,9 @@ def ownership_problem(path: str | Path, key: str) -> str | None:
         entries = sorted(path.iterdir())
     except OSError as exc:
         return f"cannot be listed ({exc.strerror}), so what it holds is unknown"
+    if not entries:
+        return None
+    entries = [e for e in entries if e.name != RUN_RECORD]
     if not entries:
         return None
     foreign = [e.name for e in entries if not e.is_file()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import train
+from pipelines import checkpoints, train
 from pipelines.checkpoints import (
     FINGERPRINT,
     LOCK_FILE,
@@ -142,7 +142,7 @@ def test_a_truncated_optimizer_in_the_last_checkpoint_resumes_from_the_one_befor
     """Handed case 08 in process: train 2 steps with a checkpoint per step, cut optimizer.pt, train again."""
     params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2, "save_steps": 1, "eval_steps": 1}))
     train.run(params, CPU)
-    run_dir = params.path("checkpoints") / train.run_fingerprint(params)["run_hash"]
+    run_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
     with open(run_dir / "checkpoint-2" / "optimizer.pt", "r+b") as fh:
         fh.truncate(1000)
 

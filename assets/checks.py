@@ -32,6 +32,7 @@ from pipelines.config import Params
 from pipelines.io import chunked, read_json, read_jsonl, sha256_tree, write_json
 from pipelines.records import RECORD
 from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
+from pipelines.schemas import failures as schema_failures
 from resources.project import ProjectResource
 
 CHUNK_ROWS = 5000  # rows validated at once: bounded memory on large files
@@ -62,13 +63,10 @@ def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg
             try:
                 validate(schema, chunk)
             except pandera.errors.SchemaErrors as exc:
-                cases = exc.failure_cases
-                n_failures += len(cases)
-                for case in cases.head(SHOWN_FAILURES).to_dict("records"):
-                    index = case.get("index")
-                    row = n + int(index) + 1 if isinstance(index, (int, float)) and not math.isnan(index) else ""
-                    failures.append({"file": name, "column": case.get("column"), "check": case.get("check"),
-                                     "row": row, "value": str(case.get("failure_case"))[:80]})
+                found = schema_failures(exc, offset=n)  # the one reading of pandera's failure cases
+                n_failures += len(found)
+                failures += [{"file": name, "column": f.column, "check": f.check, "row": f.row or "", "value": f.value}
+                             for f in found[:SHOWN_FAILURES]]
             for i, row in enumerate(chunk):
                 if row.get("id") in seen:
                     n_failures += 1
@@ -293,7 +291,8 @@ def _leakage(params: Params, files: dict[str, Path]) -> dg.AssetCheckResult:
     from pipelines.split import leakage
 
     splits = {name: read_jsonl(path) for name, path in files.items()}  # streamed: leakage keeps id and text only
-    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size)
+    leak = leakage(splits, params.clean.near_dup_threshold, params.clean.num_perm, params.clean.shingle_size,
+                   params.clean.boilerplate_share, params.clean.own_similarity_ratio)
     exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
     examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
                  "jaccard": e["jaccard"]} for e in leak.get("examples", [])]

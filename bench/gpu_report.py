@@ -65,7 +65,7 @@ def report(params_file: Path, peak: float | None) -> None:
               f"(delta CI [{ci.get('low', float('nan')):+.3f}, {ci.get('high', float('nan')):+.3f}]); "
               f"loss {s['base']['loss']:.4f} -> {s['fine_tuned']['loss']:.4f}; forgetting {s.get('forgetting'):+.4f}; "
               f"gate {'passed' if s['gate']['passed'] else 'failed'}; evaluation device "
-              f"{s.get('device', 'not recorded')}")
+              f"{s.get('evaluated_on', 'not recorded')}")
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,8 @@
 
     python -m pipelines ingest                     # one stage, params.yaml in the current folder
     python -m pipelines clean --params other.yaml  # another params file
-    python -m pipelines check-params               # validate params.yaml and print it resolved
+    python -m pipelines check-params               # validate params.yaml and print it resolved; also checks
+                                                   # that no output path holds files its stage did not write
     python -m pipelines dvc-yaml [--check]         # write (or compare) dvc.yaml from pipelines/stages.py
     python -m pipelines chat [--adapter promoted]  # talk to the model in the terminal
     python -m pipelines serve [--gguf f16]         # OpenAI-compatible server on 127.0.0.1
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -51,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
         params = load_params(args.params)
         if args.stage == "check-params":
+            from pipelines.io import FILE_OUTPUTS, OUTPUTS, claim_output
             from pipelines.preflight import preflight
 
+            for key in (*OUTPUTS, *FILE_OUTPUTS):  # a stage would refuse to replace what it did not write
+                claim_output(params, key, writable=False)
             preflight(params)
             print(json.dumps(params.model_dump(mode="json"), indent=2))
             return 0
@@ -74,7 +79,8 @@ def run_and_record(stage: Stage, params: Params) -> StageResult:
     started = time.perf_counter()
     result = importlib.import_module(stage.module).run(params)
     result.metrics.setdefault("wall_time_s", round(time.perf_counter() - started, 2))
-    records.write(stage, params, result, card, door="cli")
+    if int(os.environ.get("RANK", "0")) == 0 and "WORLD_SIZE" not in os.environ:
+        records.write(stage, params, result, card, door="cli")  # the launching process records a launched run
     return result
 
 

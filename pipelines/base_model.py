@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ModelConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, sha256_file, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    sha256_file,
+    sha256_tree,
+    write_json,
+)
 
 SOURCE_FILE = "source.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -121,8 +130,16 @@ def download_hub(cfg: ModelConfig, out: Path) -> None:
             "(offline default) or 'local' with a downloaded folder"
         )
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(cfg.name, use_safetensors=True, **kwargs)
+    try:  # a wrong id or revision, a token without access (HF_TOKEN), a repo without safetensors
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:  # huggingface_hub's HTTP errors are OSErrors; the token is never in them
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise StageError(
+            f"'{cfg.name}' (model.revision {cfg.revision or 'main'}) could not be downloaded from the Hugging Face "
+            f"hub ({constants.ENDPOINT}): {first.rstrip('.')}; check model.name and model.revision, and that the "
+            "token in HF_TOKEN (if the repository is private or gated) has access to it"
+        ) from None
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -207,7 +224,8 @@ def run(params: Params) -> StageResult:
     if cfg.source != "hub" and existing.is_file() and read_json(existing) == source:
         facts = check_output(out, cfg)
         return StageResult("fetch-model", {"base_model": out}, {**source, **facts, "cached": True})
-    with atomic_dir(out) as tmp:
+    claim_output(params, "base_model")
+    with atomic_dir(out, "base_model") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is read by other users (containers, DVC)
         if cfg.source == "gguf_package":
             convert_gguf(locate_gguf(cfg.name), tmp)

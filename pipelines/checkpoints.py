@@ -1,32 +1,56 @@
-"""Checkpoints of a training run: where they go, which run they belong to, and where a rerun resumes.
+"""Checkpoints of the train stage: which run they belong to, which one to resume from, and who may write them.
 
-    <paths.checkpoints>/<run hash>/checkpoint-<step>/   written by the Trainer every train.save_steps
+    from pipelines.checkpoints import drop_incomplete, resume_point, run_fingerprint, training_lock
 
-The run hash covers the splits, the base model, the train params, format.max_length and the training code, so a
-rerun with the same inputs resumes from the last complete checkpoint, and a checkpoint of another run is never
-resumed (one sentence says what changed). A checkpoint is complete when its fingerprint.json exists: the
-Fingerprint callback writes it last, after the Trainer saved everything else.
+Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params
+and the training code (`run_fingerprint`). A checkpoint is complete once its FINGERPRINT file is written
+(the trainer callback writes it last); a rerun resumes from the newest complete checkpoint of its run:
+
+- one written for another run (its stored hash differs) is refused with one sentence;
+- one whose files do not load (`checkpoint_problem`: a truncated optimizer.pt after a full disk or a cut-off
+  copy, a file swapped for a pickle that torch's weights-only loader refuses, a broken JSON) is named in one
+  sentence, deleted by the main process, and the previous complete checkpoint is tried; with none left,
+  training starts over. Each such sentence is logged and returned, and the stage reports them
+  (train_metrics.json `corrupt_checkpoints`).
+
+Training holds a lock on the checkpoint folder (`training_lock`, fcntl.flock on <paths.checkpoints>/train.lock)
+for as long as it may write there; the kernel releases it when the holder dies, however it dies. A process
+that starts a run takes it exclusively, so a second concurrent trainer of the project gets one sentence
+(exit 2) instead of writing the same checkpoints and adapter. The ranks of a multi-process run take it
+shared, and the launching process turns its exclusive lock into a shared one before it starts them: if the
+launcher is killed, the ranks it orphaned keep the lock, and a rerun is refused until they have exited, so an
+orphan never writes into a folder that a rerun owns. (Two `accelerate launch` runs started by hand, without
+the stage's launcher, both take the lock shared and are not kept apart from each other.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipelines.base_model import model_hash
 from pipelines.config import Params
-from pipelines.errors import StageError
-from pipelines.io import read_json, sha256_file, write_json
+from pipelines.io import StageError, read_json, sha256_file, write_json
 from pipelines.stages import BY_NAME, PACKAGE_ROOT
 
-OnLog = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
+
 FINGERPRINT = "fingerprint.json"
+LOCK_FILE = "train.lock"
+# Files the trainer writes but never reads back on resume (training_args.bin is a pickle: it is never loaded).
+_NOT_LOADED = {"training_args.bin"}
 
 
 def run_fingerprint(params: Params, stage: str = "train") -> dict[str, Any]:
@@ -54,23 +78,93 @@ def step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def resume_point(run_dir: Path, fingerprint: dict[str, Any]) -> Path | None:
-    """The last complete checkpoint of this run (None: start fresh); refuses one written for another run."""
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split(". ")[0][:160]
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed from ('optimizer.pt: <error>'), or None if every file loads.
+
+    Each file is opened the way the trainer opens it on resume, without unpickling code and without reading
+    the tensors into memory: .pt/.pth with torch.load(weights_only=True, mmap=True) and the numpy allowlist
+    transformers uses for its RNG state, .safetensors by their header and size (safe_open), .json parsed.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(folder.iterdir()):
+        if path.name in _NOT_LOADED or not path.is_file():
+            continue
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as fh:
+                    fh.keys()
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001 - any failure to load makes the checkpoint unusable
+            return f"{path.name}: {_first_sentence(exc)}"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint to resume from (None: from scratch) and one sentence per corrupt checkpoint passed over."""
+
+    checkpoint: Path | None
+    corrupt: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int | None:
+        return step_of(self.checkpoint) if self.checkpoint else None
+
+
+def resume_point(run_dir: Path, fingerprint: dict[str, Any], *, remove_corrupt: bool = False) -> ResumePoint:
+    """The newest complete checkpoint of this run whose files all load (see the module docstring).
+
+    Raises StageError if the newest complete checkpoint was written for another run. A corrupt one is
+    passed over (and deleted when `remove_corrupt`, which only the main process passes: the trainer would
+    otherwise write its next checkpoint of that step into the corrupt folder).
+    """
+    found = ResumePoint(None)
     if not run_dir.is_dir():
-        return None
+        return found
     candidates = sorted((p for p in run_dir.glob("checkpoint-*") if step_of(p) >= 0), key=step_of)
     complete = [p for p in candidates if (p / FINGERPRINT).is_file() and (p / "trainer_state.json").is_file()]
-    if not complete:
-        return None
-    last = complete[-1]
-    stored = read_json(last / FINGERPRINT)
-    if stored.get("run_hash") != fingerprint["run_hash"]:
-        changed = [k for k, v in fingerprint["parts"].items() if stored.get("parts", {}).get(k) != v]
-        raise StageError(
-            f"checkpoint '{last}' was written for a different run ({', '.join(changed) or 'run hash'} changed); "
-            "delete that folder to train from scratch, or restore the data and params it was trained with"
-        )
-    return last
+    for checkpoint in reversed(complete):
+        problem = None
+        try:
+            stored = read_json(checkpoint / FINGERPRINT)
+        except (OSError, ValueError) as exc:
+            stored, problem = None, f"{FINGERPRINT}: {_first_sentence(exc)}"
+        if problem is None and not isinstance(stored, dict):
+            problem = f"{FINGERPRINT}: not a JSON object"
+        if problem is None:
+            if stored.get("run_hash") != fingerprint["run_hash"]:
+                changed = [k for k, v in fingerprint["parts"].items() if stored.get("parts", {}).get(k) != v]
+                raise StageError(
+                    f"checkpoint '{checkpoint}' was written for a different run ({', '.join(changed) or 'run hash'} "
+                    "changed); delete that folder to train from scratch, or restore the data and params it was "
+                    "trained with"
+                )
+            problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            found.checkpoint = checkpoint
+            break
+        if remove_corrupt:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        sentence = (f"checkpoint '{checkpoint}' cannot be loaded ({problem}), so it was "
+                    f"{'deleted' if remove_corrupt else 'passed over'}")
+        log.warning("%s", sentence)
+        found.corrupt.append(sentence)
+    if found.corrupt:
+        log.warning("%s", f"resuming from '{found.checkpoint}'" if found.checkpoint else
+                    "no loadable checkpoint of this run is left: training starts over from step 0")
+    return found
 
 
 def drop_incomplete(run_dir: Path) -> list[str]:
@@ -81,6 +175,76 @@ def drop_incomplete(run_dir: Path) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             dropped.append(path.name)
     return dropped
+
+
+# ------------------------------------------------------------------------------------------------------ the lock
+def lock_holders(path: Path) -> list[int]:
+    """Pids holding a flock on the file `path` (Linux /proc/locks; [] where that cannot be read)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit() and \
+                fields[5].rsplit(":", 1)[-1] == str(inode):
+            pids.add(int(fields[4]))
+    return sorted(pids - {os.getpid()})
+
+
+class TrainingLock:
+    """An flock held on <folder>/train.lock: exclusive for the process that starts a run, shared for its ranks."""
+
+    def __init__(self, folder: Path, handle: IO[str], shared: bool) -> None:
+        self.folder, self.path, self.handle, self.shared = folder, folder / LOCK_FILE, handle, shared
+
+    def share(self) -> None:
+        """Hold the lock shared, so the processes this one starts can take it too (and keep it if it dies)."""
+        try:  # flock converts by unlocking first: another trainer may take it in between, then this one yields
+            fcntl.flock(self.handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(_busy(self.folder, self.path)) from None
+        self.shared = True
+
+
+def _busy(folder: Path, path: Path) -> str:
+    pids = lock_holders(path)
+    who = f"process{'es' * (len(pids) > 1)} {', '.join(map(str, pids))}" if pids else "another process"
+    kill = f" (e.g. kill {' '.join(map(str, pids))})" if pids else ""
+    return (f"another training run ({who}) is writing the checkpoints in '{folder}', e.g. a run still going or the "
+            f"ranks of one whose launcher was killed; two trainings would write the same checkpoints and adapter, "
+            f"so wait for it to finish or stop it{kill}, then rerun")
+
+
+@contextlib.contextmanager
+def training_lock(folder: Path, *, shared: bool = False) -> Iterator[TrainingLock]:
+    """Hold the training lock on the checkpoint folder for the block; StageError (one sentence) if it is busy."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - closed below, which unlocks
+    except OSError as exc:
+        raise StageError(f"cannot write the checkpoint folder '{folder}' ({exc.strerror}); make it writable or "
+                         "point paths.checkpoints elsewhere") from None
+    try:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise StageError(_busy(folder, folder / LOCK_FILE)) from None
+        if not shared:  # who holds it, for a person looking at the folder (the lock itself is the flock)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        yield TrainingLock(folder, handle, shared)
+    finally:
+        handle.close()
+
+
+OnLog = Callable[[dict[str, Any]], None]
 
 
 def callbacks(fingerprint: dict[str, Any], on_log: OnLog | None) -> list[Any]:

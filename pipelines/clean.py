@@ -2,23 +2,36 @@
 
     python -m pipelines clean                  # reads paths.raw_examples, writes paths.cleaned
 
-Rules run in this order; the report counts, for each, the rows it modified ("touched") and removed:
+Rules run in this order; the report counts, for each, the rows it modified ("touched") and removed, and
+shows up to SAMPLES before/after excerpts of the rows each text rule changed:
 
-    unicode          Unicode normalisation (clean.unicode_form: NFKC folds full-width letters, ligatures, NBSP)
+    unicode          Unicode normalisation (clean.unicode_form: NFC by default, which composes accents and
+                     changes no meaning; NFKC, opt-in, also folds full-width letters and ligatures, but turns
+                     x² into x2 and H₂O into H2O)
     control_chars    control and invisible format characters removed (\\n and \\t kept; \\r\\n -> \\n)
-    html             known HTML tags stripped, entities unescaped (clean.strip_html)
+    html             known HTML tags stripped, entities unescaped (clean.strip_html), except in rows whose
+                     markup is their content (markup_is_content: a row about HTML, JSX, tags, snippets, ...)
     whitespace       runs of spaces collapsed, lines and text trimmed, at most one blank line
-    too_short        a message shorter than clean.min_chars (e.g. an empty assistant answer)
+    too_short        a message with fewer than clean.min_chars letters, digits or symbols (default 1: an empty
+                     or punctuation-only message; one-character answers such as "4" or "嗨" are kept)
     too_long         a conversation longer than clean.max_chars in total
     pii              emails, phones, cards, IPs, secrets -> [EMAIL], ... (clean.redact_pii; pipelines.pii)
+    pii_only         an assistant message that is nothing but placeholders such as [EMAIL] [PHONE] (after
+                     redaction, or as written): an answer that teaches the model to emit a bare placeholder.
+                     A user, system or tool message of only placeholders is kept: the model is not trained
+                     on those tokens, and a user who only gives an address still gets a real answer.
     exact_duplicate  same normalised conversation text as an earlier row (clean.exact_dedup)
-    near_duplicate   word-shingle Jaccard >= clean.near_dup_threshold with an earlier kept row (clean.near_dedup)
+    near_duplicate   word-shingle Jaccard >= clean.near_dup_threshold with an earlier kept row (clean.near_dedup),
+                     unless their own content, the template text both contain set aside, is less than
+                     clean.own_similarity_ratio x the threshold similar (pipelines.dedup.similar_pairs):
+                     rows that only share a system prompt or an instruction template are not duplicates
 
 Duplicates keep the first occurrence in input order. Every removed row goes to quarantine.jsonl with its
 rule, reason, a redacted excerpt and, for duplicates, the id and source:line of the row it duplicates.
 Markdown code (``` fenced blocks and `inline` spans) is left alone by the html and whitespace rules: a
 `<div>` or the indentation inside code is content, not markup.
-Outputs (paths.cleaned): examples.jsonl, quarantine.jsonl, report.json.
+Outputs (paths.cleaned): examples.jsonl, quarantine.jsonl, report.json, and changes.jsonl: one line per row a
+text rule or the pii rule changed, {"id", "source", "line", "rules": [...]}, so every change can be traced.
 """
 
 from __future__ import annotations
@@ -38,18 +51,40 @@ from pandera.errors import SchemaError, SchemaErrors
 from tqdm.auto import tqdm
 
 from pipelines.config import CleanConfig, Params
-from pipelines.dedup import conversation_text, exact_digest, lsh_params, near_duplicate_pairs
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, read_jsonl, require, write_json, write_jsonl
+from pipelines.dedup import (
+    conversation_lines,
+    conversation_text,
+    exact_digest,
+    lsh_params,
+    similar_pairs,
+)
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    chunked,
+    claim_output,
+    read_jsonl,
+    require,
+    write_json,
+    write_jsonl,
+)
+from pipelines.pii import TYPES as PII_TYPES
 from pipelines.pii import redact
-from pipelines.schemas import ConversationSchema, validate
+from pipelines.schemas import ConversationSchema, describe_failures, validate
 
 STAGE = "clean"
 EXCERPT_CHARS = 200
+SAMPLES = 3  # before/after samples per rule in the report
+SAMPLE_CHARS = 160  # characters of each sample, starting a little before the first change
 VALIDATE_ROWS = 10_000  # rows per pandera check: the contract is checked in chunks, so memory stays flat
 RULES = (
-    "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii",
+    "unicode", "control_chars", "html", "whitespace", "too_short", "too_long", "pii", "pii_only",
     "exact_duplicate", "near_duplicate",
 )
+_TEXT_RULES = ("unicode", "control_chars", "html", "whitespace")
+# A placeholder of pipelines.pii (e.g. "[EMAIL]"); a message with nothing else but punctuation is "pii only".
+_PLACEHOLDER = re.compile(r"\[(?:" + "|".join(PII_TYPES) + r")\]")
 
 # ------------------------------------------------------------------------------------ text transforms
 
@@ -171,6 +206,27 @@ def strip_html(text: str) -> str:
     return _outside_code(text, _strip_markup) if "<" in text or "&" in text else text
 
 
+# Words that make a row's markup its content (looked for outside the tags, case-insensitive).
+_MARKUP_TOPIC = re.compile(
+    r"\b(?:x?html5?|xml|jsx|tsx|svg|markup|css|dom|tag|elements?|attributes?|snippets?|react|vue|angular|svelte"
+    r"|jinja2?|markdown|extract|parse|scrape)\b", re.I)
+
+
+def markup_is_content(messages: list[dict[str, Any]]) -> bool:
+    """True when a row's markup is what the row is about, so the html rule must leave it alone.
+
+    HTML stripping is for markup that wraps prose (a helpdesk or web export). In a row that names a markup
+    language or markup itself (HTML, JSX, XML, a tag, an element, a snippet, extract/parse) in any message,
+    outside the tags, the markup is the question or the answer: "<b>" in "make a word bold in HTML" and the
+    input of "extract the plain text from this snippet" must stay. Markdown code is always left alone
+    (strip_html skips it).
+    """
+    if not any("<" in m["content"] or "&" in m["content"] for m in messages):
+        return False
+    return any(_MARKUP_TOPIC.search(_TAG.sub(" ", m["content"]) if "<" in m["content"] else m["content"])
+               for m in messages)
+
+
 def _one_space(match: re.Match[str]) -> str:
     start = match.start()
     at_line_start = start == 0 or match.string[start - 1] == "\n"
@@ -198,7 +254,8 @@ def normalize_whitespace(text: str) -> str:
 
 
 def _report(cfg: CleanConfig, counts: dict[str, dict[str, int]], pii: Counter, near_pairs: int, rows_in: int,
-            rows_out: int, quarantined: int) -> dict[str, Any]:
+            rows_out: int, quarantined: int, samples: dict[str, list[dict[str, Any]]],
+            markup_kept: int) -> dict[str, Any]:
     enabled = {
         "html": cfg.strip_html, "pii": cfg.redact_pii, "exact_duplicate": cfg.exact_dedup,
         "near_duplicate": cfg.near_dedup, "unicode": cfg.unicode_form != "none",
@@ -208,11 +265,13 @@ def _report(cfg: CleanConfig, counts: dict[str, dict[str, int]], pii: Counter, n
         "rows_in": rows_in,
         "rows_out": rows_out,
         "quarantined": quarantined,
-        "rules": {r: {**counts[r], "enabled": enabled.get(r, True)} for r in RULES},
+        "rules": {r: {**counts[r], "enabled": enabled.get(r, True), **({"samples": samples[r]} if r in samples else {}),
+                      **({"kept_as_content": markup_kept} if r == "html" else {})} for r in RULES},
         "pii": {t: pii[t] for t in sorted(pii)},
         "near_dedup": {"threshold": cfg.near_dup_threshold, "num_perm": cfg.num_perm,
-                       "shingle_size": cfg.shingle_size, "lsh_bands": bands, "lsh_rows": rows,
-                       "verified_pairs": near_pairs},
+                       "shingle_size": cfg.shingle_size, "boilerplate_share": cfg.boilerplate_share,
+                       "own_similarity_ratio": cfg.own_similarity_ratio,
+                       "lsh_bands": bands, "lsh_rows": rows, "verified_pairs": near_pairs},
     }
 
 
@@ -223,9 +282,13 @@ class CleanResult:
     counts: dict[str, dict[str, int]]  # rule -> {"touched": rows modified, "removed": rows dropped}
     pii: Counter = field(default_factory=Counter)  # replacements per PII type
     near_pairs: int = 0  # verified near-duplicate pairs among the rows that reached that rule
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # rule -> before/after samples
+    markup_kept: int = 0  # rows with markup the html rule left alone (markup_is_content)
+    changed: list[dict[str, Any]] = field(default_factory=list)  # {id, source, line, rules} per changed row
 
     def report(self, cfg: CleanConfig, rows_in: int) -> dict[str, Any]:
-        return _report(cfg, self.counts, self.pii, self.near_pairs, rows_in, len(self.kept), len(self.quarantined))
+        return _report(cfg, self.counts, self.pii, self.near_pairs, rows_in, len(self.kept), len(self.quarantined),
+                       self.samples, self.markup_kept)
 
 
 # System prompts repeat on every row: redact each distinct text once. The cached Counter is never mutated.
@@ -244,21 +307,62 @@ def _quarantine(row: dict[str, Any], rule: str, reason: str, redact_pii: bool, *
             "excerpt": _excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
 
 
-def _text_rules(cfg: CleanConfig) -> list[tuple[str, Callable[[str], str]]]:
+def _text_rules(cfg: CleanConfig, html: bool = True) -> list[tuple[str, Callable[[str], str]]]:
     rules: list[tuple[str, Callable[[str], str]]] = []
     if cfg.unicode_form != "none":
         rules.append(("unicode", lambda t: normalize_unicode(t, cfg.unicode_form)))
     rules.append(("control_chars", remove_control_chars))
-    if cfg.strip_html:
+    if cfg.strip_html and html:
         rules.append(("html", strip_html))
     rules.append(("whitespace", normalize_whitespace))
     return rules
 
 
+def _sample(row: dict[str, Any], i: int, role: str, before: str, after: str, redact_pii: bool,
+            show_before: bool = True) -> dict[str, Any]:
+    """Excerpts of one changed message, from a little before its first change. PII in them is redacted like
+    the rows themselves; the pii rule's sample shows only the after text (before is what it redacted)."""
+    if redact_pii and show_before:
+        before, after = redact(before)[0], redact(after)[0]
+    first = next((k for k, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
+                 min(len(before), len(after)))
+    start = max(0, first - SAMPLE_CHARS // 4)
+
+    def cut(text: str) -> str:
+        return ("…" if start else "") + text[start:start + SAMPLE_CHARS]
+
+    sample = {"id": row["id"], "location": f"{row['source']}:{row['line']}", "message": i, "role": role}
+    if show_before:
+        sample["before"] = cut(before)
+    sample["after"] = cut(after)
+    return sample
+
+
+def _letters(text: str, enough: int) -> int:
+    """Letters, digits (any script) and symbols (emoji, currency, math signs) in text, counted up to `enough`:
+    punctuation and spaces do not count."""
+    n = 0
+    for ch in text:
+        if ch.isalnum() or unicodedata.category(ch)[0] == "S":
+            n += 1
+            if n >= enough:
+                break
+    return n
+def _pii_only_problem(messages: list[dict[str, str]]) -> tuple[str, str] | None:
+    """The pii_only rule: an assistant message with no letter or digit outside PII placeholders."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and _PLACEHOLDER.search(m["content"]) and \
+                not any(c.isalnum() for c in _PLACEHOLDER.sub("", m["content"])):
+            kinds = ", ".join(sorted(set(_PLACEHOLDER.findall(m["content"]))))
+            return "pii_only", (f"message {i} (assistant) is nothing but redacted PII ({kinds}); an answer of "
+                                "placeholders teaches the model nothing")
+    return None
+
+
 def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[str, str] | None:
     for i, m in enumerate(messages):
-        if len(m["content"]) < cfg.min_chars:
-            return "too_short", (f"message {i} ({m['role']}) has {len(m['content'])} characters after cleaning, "
+        if cfg.min_chars and (n := _letters(m["content"], cfg.min_chars)) < cfg.min_chars:
+            return "too_short", (f"message {i} ({m['role']}) has {n} letters, digits or symbols after cleaning, "
                                  f"fewer than clean.min_chars = {cfg.min_chars}")
     total = sum(len(m["content"]) for m in messages)
     if total > cfg.max_chars:
@@ -272,9 +376,10 @@ Sink = Callable[[dict[str, Any]], Any]
 class Cleaner:
     """The rules as two passes over the rows, so the stage never holds the rows themselves in memory.
 
-    1. `screen(rows, quarantine)`: the per-row rules (text, length, PII) and exact duplicates; yields every
-       survivor in input order. Only a 16-byte hash, the location and (for the near-duplicate
-       rule) the conversation text of each survivor are remembered: ~0.3 KB a row instead of the whole row.
+    1. `screen(rows, quarantine, changed)`: the per-row rules (text, length, PII) and exact duplicates; yields
+       every survivor in input order and sends {id, source, line, rules} of each row a rule changed to
+       `changed`. Only a 16-byte hash, the location and (for the near-duplicate rule) the conversation
+       lines of each survivor are remembered: ~0.3 KB a row instead of the whole row.
     2. `duplicates()`: near duplicates among the survivors that are not exact duplicates.
     3. `finish(survivors, quarantine)`: the same survivors again, in the same order (e.g. re-read from a spool
        file); yields the kept rows and sends each duplicate to `quarantine` with the row it duplicates.
@@ -287,33 +392,55 @@ class Cleaner:
         self.near_pairs = 0
         self.rows_in = self.quarantined = self.kept = 0
         self._text_rules = _text_rules(cfg)
+        self._text_rules_keep_markup = _text_rules(cfg, html=False)
+        self.samples: dict[str, list[dict[str, Any]]] = {r: [] for r in (*_TEXT_RULES, "pii")}
+        self.markup_kept = 0
         self._where: list[tuple[str, str, int]] = []  # (id, source, line) of each survivor
         self._first: dict[bytes, int] = {}  # exact hash -> index of its first survivor
+        self._exact_of: dict[int, int] = {}  # survivor index of an exact duplicate -> index of its first copy
         self._unique: list[int] = []  # survivor index of each exact-unique text, in order
-        self._texts: list[str] = []  # conversation text of each exact-unique survivor (near-duplicate rule)
+        self._texts: list[str] = []  # conversation_lines of each exact-unique survivor (near-duplicate rule)
         self._removed: dict[int, tuple[str, str, dict[str, Any]]] = {}  # survivor index -> (rule, reason, extra)
         self._sources: dict[str, str] = {}  # one string object per source file
 
-    def _apply(self, row: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
-        cfg, counts = self.cfg, self.counts
+    def _apply(self, row: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None, list[str]]:
+        """(cleaned row, (rule, reason) if a length rule removes it, names of the rules that changed it)."""
+        cfg, counts, samples = self.cfg, self.counts, self.samples
         messages = [dict(m) for m in row["messages"]]
-        for rule, fn in self._text_rules:
+        rules = self._text_rules
+        if cfg.strip_html and markup_is_content(messages):
+            rules = self._text_rules_keep_markup
+            self.markup_kept += 1
+        changed: list[str] = []
+        for rule, fn in rules:
             touched = False
-            for m in messages:
-                new = fn(m["content"])
-                if new != m["content"]:
+            for i, m in enumerate(messages):
+                old = m["content"]
+                new = fn(old)
+                if new != old:
+                    if not touched and len(samples[rule]) < SAMPLES:
+                        samples[rule].append(_sample(row, i, m["role"], old, new, cfg.redact_pii))
                     m["content"], touched = new, True
-            counts[rule]["touched"] += touched
+            if touched:
+                counts[rule]["touched"] += 1
+                changed.append(rule)
         cleaned = {**row, "messages": messages}
         problem = _length_problem(messages, cfg)
         if problem is None and cfg.redact_pii:
             found: Counter = Counter()
-            for m in messages:
-                m["content"], n = _redact_cached(m["content"])
+            for i, m in enumerate(messages):
+                new, n = _redact_cached(m["content"])
+                if n and not found and len(samples["pii"]) < SAMPLES:
+                    samples["pii"].append(_sample(row, i, m["role"], m["content"], new, True, show_before=False))
+                m["content"] = new
                 found.update(n)
-            counts["pii"]["touched"] += bool(found)
+            if found:
+                counts["pii"]["touched"] += 1
+                changed.append("pii")
             self.pii += found
-        return cleaned, problem
+        if problem is None:
+            problem = _pii_only_problem(messages)
+        return cleaned, problem, changed
 
     def _location(self, index: int) -> tuple[str, str]:
         row_id, source, line = self._where[index]
@@ -323,11 +450,14 @@ class Cleaner:
     def survivors(self) -> int:
         return len(self._where)
 
-    def screen(self, rows: Iterable[dict[str, Any]], quarantine: Sink) -> Iterator[dict[str, Any]]:
+    def screen(self, rows: Iterable[dict[str, Any]], quarantine: Sink,
+               changed: Sink | None = None) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         for row in rows:
             self.rows_in += 1
-            cleaned, problem = self._apply(row)
+            cleaned, problem, rules = self._apply(row)
+            if rules and changed is not None:
+                changed({"id": row["id"], "source": row["source"], "line": row["line"], "rules": rules})
             if problem:
                 self.counts[problem[0]]["removed"] += 1
                 self.quarantined += 1
@@ -343,13 +473,14 @@ class Cleaner:
             if cfg.exact_dedup:
                 first = self._first.setdefault(exact_digest(text), index)
                 if first != index:
+                    self._exact_of[index] = first
                     kept_id, location = self._location(first)
                     self._removed[index] = ("exact_duplicate", f"same normalised text as row {kept_id}",
                                             {"duplicate_of": kept_id, "duplicate_of_location": location})
                     continue
             if cfg.near_dedup:
                 self._unique.append(index)
-                self._texts.append(text)
+                self._texts.append(conversation_lines(cleaned))
 
     def duplicates(self) -> int:
         """Find the near duplicates (after `screen`); the number of survivors that will be removed."""
@@ -364,7 +495,13 @@ class Cleaner:
                     f"Jaccard {sim:.3f} >= clean.near_dup_threshold = {cfg.near_dup_threshold} with row {kept_id}",
                     {"duplicate_of": kept_id, "duplicate_of_location": location, "similarity": round(sim, 4)},
                 )
-        self._texts, self._unique = [], []
+            for index, first in self._exact_of.items():  # the first copy went as a near duplicate: name the kept row
+                if (near := self._removed.get(first)) and near[0] == "near_duplicate":
+                    copy_id = self._where[first][0]
+                    self._removed[index] = ("exact_duplicate", f"same normalised text as row {copy_id}, itself a "
+                                            f"near duplicate of row {near[2]['duplicate_of']}",
+                                            {**near[2], "duplicate_of_copy": copy_id})
+        self._texts, self._unique, self._exact_of = [], [], {}
         return len(self._removed)
 
     def finish(self, survivors: Iterable[dict[str, Any]], quarantine: Sink) -> Iterator[dict[str, Any]]:
@@ -382,12 +519,15 @@ class Cleaner:
             quarantine(_quarantine(row, rule, reason, self.cfg.redact_pii, **extra))
 
     def report(self) -> dict[str, Any]:
-        return _report(self.cfg, self.counts, self.pii, self.near_pairs, self.rows_in, self.kept, self.quarantined)
+        return _report(self.cfg, self.counts, self.pii, self.near_pairs, self.rows_in, self.kept, self.quarantined,
+                       self.samples, self.markup_kept)
 
 
-def _near_duplicates(texts: list[str], cfg: CleanConfig) -> tuple[dict[int, tuple[int, float]], int]:
-    """{index of a removed text: (index of the kept text it duplicates, jaccard)}, and the number of pairs."""
-    pairs = near_duplicate_pairs(texts, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size)
+def _near_duplicates(lines: list[str], cfg: CleanConfig) -> tuple[dict[int, tuple[int, float]], int]:
+    """{index of a removed row: (index of the kept row it duplicates, jaccard)}, and the number of pairs;
+    `lines` are conversation_lines (see pipelines.dedup.similar_pairs)."""
+    pairs = similar_pairs(lines, cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_size, cfg.boilerplate_share,
+                          cfg.own_similarity_ratio)
     earlier: dict[int, list[tuple[int, float]]] = {}
     for i, j, sim in pairs:
         earlier.setdefault(j, []).append((i, sim))
@@ -404,10 +544,12 @@ def clean(rows: Iterable[dict[str, Any]], cfg: CleanConfig) -> CleanResult:
     """Apply the rules in order (see the module docstring) in memory. Input rows are not modified."""
     cleaner = Cleaner(cfg)
     quarantined: list[dict[str, Any]] = []
-    survivors = list(cleaner.screen(rows, quarantined.append))
+    changed: list[dict[str, Any]] = []
+    survivors = list(cleaner.screen(rows, quarantined.append, changed.append))
     cleaner.duplicates()
     kept = list(cleaner.finish(survivors, quarantined.append))
-    return CleanResult(kept, quarantined, cleaner.counts, cleaner.pii, cleaner.near_pairs)
+    return CleanResult(kept, quarantined, cleaner.counts, cleaner.pii, cleaner.near_pairs, cleaner.samples,
+                       cleaner.markup_kept, changed)
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -432,35 +574,36 @@ def _validated(rows: Iterable[dict[str, Any]], source: Path) -> Iterator[dict[st
     """The rows, checked against the row contract VALIDATE_ROWS at a time (ids: unique across all chunks)."""
     seen: set[str] = set()
     for chunk in chunked(rows, VALIDATE_ROWS):
-        problem = None
+        what, fix = f"the cleaned rows from '{source}'", "re-run the ingest stage, and report a bug if it persists"
         try:
             validate(ConversationSchema, chunk)
         except (SchemaError, SchemaErrors) as exc:
-            problem = str(exc).strip().splitlines()[0][:300]
+            raise StageError(describe_failures(exc, what, fix)) from None
         duplicate = next((r["id"] for r in chunk if r["id"] in seen or seen.add(r["id"])), None)
-        if problem is None and duplicate is not None:
-            problem = f"id {duplicate} appears twice"
-        if problem:
-            raise StageError(f"cleaned rows from '{source}' break the row contract ({problem}); re-run the ingest "
-                             "stage, and report a bug if it persists")
+        if duplicate is not None:
+            raise StageError(f"{what} breaks the row contract: the id {duplicate} appears twice; {fix}")
         yield from chunk
 
 
 def run(params: Params) -> StageResult:
     """Two streaming passes (see Cleaner): memory grows by ~0.3 KB per row, whatever the rows' size."""
     cfg = params.clean
+    out = claim_output(params, "cleaned")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("raw_examples") / "examples.jsonl", "ingest")
-    out = params.path("cleaned")
     cleaner = Cleaner(cfg)
     failure = None
-    with atomic_dir(out) as tmp, open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+    with atomic_dir(out, "cleaned") as tmp, open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine, \
+            open(tmp / "changes.jsonl", "w", encoding="utf-8") as changes:
 
         def to_quarantine(record: dict[str, Any]) -> None:
             quarantine.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
+        def to_changes(record: dict[str, Any]) -> None:
+            changes.write(json.dumps(record, ensure_ascii=False) + "\n")
+
         spool = tmp / "survivors.jsonl.part"  # pass 1 -> pass 2, inside the temp folder: a crash leaves nothing
         rows = tqdm(_read_rows(source), desc="clean", unit=" rows", disable=None, mininterval=2)
-        write_jsonl(spool, cleaner.screen(rows, to_quarantine))
+        write_jsonl(spool, cleaner.screen(rows, to_quarantine, to_changes))
         removed = cleaner.duplicates()
         kept = _validated(cleaner.finish(read_jsonl(spool), to_quarantine), source)
         if cleaner.rows_in and removed == cleaner.survivors:
@@ -477,5 +620,5 @@ def run(params: Params) -> StageResult:
     if failure:
         raise StageError(failure)
     outputs = {name: out / f"{name}.{ext}" for name, ext in
-               (("examples", "jsonl"), ("quarantine", "jsonl"), ("report", "json"))}
+               (("examples", "jsonl"), ("quarantine", "jsonl"), ("changes", "jsonl"), ("report", "json"))}
     return StageResult(STAGE, outputs, report)

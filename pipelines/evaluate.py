@@ -39,9 +39,20 @@ from pandera.errors import SchemaErrors
 from pipelines import report
 from pipelines.chat import RENDER_ERRORS, TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
 from pipelines.config import EvaluateConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    read_jsonl,
+    require,
+    sha256_tree,
+    write_json,
+)
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
-from pipelines.schemas import SplitSchema, conversation_problem, trained, validate
+from pipelines.schemas import SplitSchema, conversation_problem, describe_failures, trained, validate
+from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +112,7 @@ def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]
     try:  # the row contract of the split stage, checked again at this stage's boundary
         validate(SplitSchema, rows)
     except SchemaErrors as exc:
-        cases = exc.failure_cases
-        column_cases = cases[cases["schema_context"] == "Column"]
-        first = (column_cases if len(column_cases) else cases).iloc[0]
-        where = f"line {int(first['index']) + 1}" if str(first["index"]).isdigit() else "the file"
-        what = (f"column '{first['column']}' fails {first['check']}" if first["schema_context"] == "Column"
-                else f"fails the check '{first['check']}'")
-        raise StageError(f"test split '{path}' breaks the row contract at {where}: {what}; "
-                         "re-run the 'split' stage") from None
+        raise StageError(describe_failures(exc, f"test split '{path}'", "re-run the 'split' stage")) from None
     return rows
 
 
@@ -134,30 +138,48 @@ class Models:
                 yield self.tuned
 
 
-def _load_causal_lm(folder: Path, trust_remote_code: bool) -> Any:
+def evaluation_precision(env: TrainEnv | None) -> str:
+    """The dtype evaluation computes in: the trainer environment's precision on a GPU, fp32 on the CPU."""
+    return "fp32" if env is None or env.device != "cuda" else env.precision
+
+
+def _load_causal_lm(folder: Path, trust_remote_code: bool, env: TrainEnv | None = None,
+                    four_bit: bool = False) -> Any:
+    """A causal LM from safetensors only, on the environment's device and precision (fp32 on the CPU); 4-bit NF4
+    (as QLoRA trained it) when `four_bit`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if not any(folder.glob("*.safetensors")):
         raise StageError(f"model folder '{folder}' has no .safetensors weights; only safetensors are loaded "
                          "(pickled .bin files can run code): re-save the model with safe_serialization=True")
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[evaluation_precision(env)]
+    device = env.device if env is not None else "cpu"
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if not four_bit and device != "cpu":
+        model = model.to(device)
     return model.eval()
 
 
-def load_models(base_dir: Path, adapter_dir: Path, *, full: bool,
-                trust_remote_code: bool = False) -> tuple[Models, Any]:
-    """Base + adapter in fp32 (CPU evaluation), and the tokenizer the adapter was trained with."""
+def load_models(base_dir: Path, adapter_dir: Path, *, full: bool, trust_remote_code: bool = False,
+                env: TrainEnv | None = None, four_bit: bool = False) -> tuple[Models, Any]:
+    """Base + adapter on the trainer environment's device and precision (None: CPU, fp32), and the tokenizer the
+    adapter was trained with. `four_bit` loads the frozen base in NF4, as QLoRA trained on it (CUDA only)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    base = _load_causal_lm(base_dir, trust_remote_code)
+    base = _load_causal_lm(base_dir, trust_remote_code, env, four_bit=four_bit and not full)
     if full:
-        return Models(tuned=_load_causal_lm(adapter_dir, trust_remote_code), separate_base=base), tokenizer
+        return Models(tuned=_load_causal_lm(adapter_dir, trust_remote_code, env), separate_base=base), tokenizer
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise StageError(f"adapter folder '{adapter_dir}' has no adapter_model.safetensors; "
                          "re-run the 'train' stage (python -m pipelines train)")
@@ -235,7 +257,7 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *
                               eos_token_id=stops, pad_token_id=pad_id)
     outputs: list[list[int]] = [[] for _ in prompts]
     for batch in _progress(_length_batches([len(e) for e in encoded], batch_size), desc):
-        ids, mask = _pad([encoded[i] for i in batch], pad_id, "left")
+        ids, mask = (t.to(model.device) for t in _pad([encoded[i] for i in batch], pad_id, "left"))
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row, i in zip(out[:, ids.shape[1]:].tolist(), batch, strict=True):  # (batch, new tokens)
@@ -265,8 +287,9 @@ def completion_nll(model: Any, tokenizer: Any, conversations: Sequence[Tokenized
     counts = [int(sum(c.assistant_mask)) for c in conversations]
     keep_tail = _accepts_logits_to_keep(model)
     for batch in _progress(_length_batches([c.n_tokens for c in conversations], batch_size), desc):
-        ids, attention = _pad([conversations[i].input_ids for i in batch], _pad_id(tokenizer), "right")
-        labels_mask, _ = _pad([conversations[i].assistant_mask for i in batch], 0, "right")
+        ids, attention = (t.to(model.device) for t in _pad([conversations[i].input_ids for i in batch],
+                                                             _pad_id(tokenizer), "right"))
+        labels_mask = _pad([conversations[i].assistant_mask for i in batch], 0, "right")[0].to(model.device)
         targets, scored = ids[:, 1:], labels_mask[:, 1:].bool()  # token t is predicted at position t-1
         if not scored.any():
             continue
@@ -279,8 +302,9 @@ def completion_nll(model: Any, tokenizer: Any, conversations: Sequence[Tokenized
         logits = logits[:, :-1] if kwargs else logits[:, first:-1]  # positions first .. seq-2
         targets, scored = targets[:, first:], scored[:, first:]
         token_nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
-        rows = torch.arange(len(batch)).unsqueeze(1).expand_as(scored)[scored]
-        per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, token_nll.double())
+        rows = torch.arange(len(batch), device=ids.device).unsqueeze(1).expand_as(scored)[scored]
+        per_row = torch.zeros(len(batch), dtype=torch.float64, device=ids.device).index_add_(0, rows,
+                                                                                            token_nll.double())
         for i, value in zip(batch, per_row.tolist(), strict=True):
             nll[i] = value
     return nll, counts
@@ -474,24 +498,34 @@ def _is_full_model(params: Params, adapter_dir: Path) -> bool:
     return not (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "config.json").exists()
 
 
-def run(params: Params) -> StageResult:
+def run(params: Params, env: TrainEnv | None = None) -> StageResult:
+    """Evaluate on the trainer environment's device (`env`, the Dagster trainer resource; None: the
+    PIPELINES_TRAIN_* variables, else the machine's default): a GPU in its precision with batched generation,
+    the CPU in fp32."""
+    env = env or TrainEnv.auto()
     cfg = params.evaluate
     if cfg.primary_metric not in METRICS:
         raise StageError(f"params.yaml evaluate.primary_metric = '{cfg.primary_metric}' is unknown; "
                          f"use one of: {', '.join(METRICS)}")
+    out_dir = claim_output(params, "evaluation")  # before any work: the outputs are the stage's own, and writable
+    claim_output(params, "metrics")
     base_dir = require(params.path("base_model"), "fetch-model")
     adapter_dir = require(params.path("adapter"), "train")
     test_path = require(params.path("splits") / "test.jsonl", "split")
     rows = _read_test_rows(test_path, cfg.max_examples)
     adapter_sha = sha256_tree(adapter_dir)  # promote checks metrics.json belongs to the adapter it copies
     started = time.perf_counter()
-    models, tokenizer = load_models(base_dir, adapter_dir, full=_is_full_model(params, adapter_dir),
-                                    trust_remote_code=params.model.trust_remote_code)
+    full = _is_full_model(params, adapter_dir)
+    four_bit = env.device == "cuda" and (params.train.method == "qlora" or env.load_in_4bit) and not full
+    models, tokenizer = load_models(base_dir, adapter_dir, full=full, trust_remote_code=params.model.trust_remote_code,
+                                    env=env, four_bit=four_bit)
     try:
         result = evaluate_models(models, tokenizer, rows, load_probe(), cfg)
     except TemplateError as exc:
         raise StageError(f"the chat template of '{base_dir}' cannot render the test rows: {exc}") from None
     result.summary["adapter_sha256"] = adapter_sha
+    result.summary["evaluated_on"] = {"device": env.device, "precision": evaluation_precision(env),
+                                      "four_bit_base": four_bit}
     log_path = adapter_dir / "train_log.json"
     try:
         train_pts, eval_pts = loss_points(read_json(log_path))
@@ -507,8 +541,7 @@ def run(params: Params) -> StageResult:
         adapter=str(adapter_dir.relative_to(params.root) if adapter_dir.is_relative_to(params.root) else adapter_dir),
     )
     images = report.plots(ctx)
-    out_dir = params.path("evaluation")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "evaluation") as tmp:
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(report.render_html(ctx, images), encoding="utf-8")
@@ -517,7 +550,7 @@ def run(params: Params) -> StageResult:
         (tmp / "eval_loss.csv").write_text(loss_csv(eval_pts, "eval_loss"), encoding="utf-8")
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in result.examples)
-    write_json(params.path("metrics"), result.summary)
+    write_json(claim_output(params, "metrics"), result.summary)  # checked again: evaluation takes minutes
     s = result.summary
     primary = cfg.primary_metric
     figures: dict[str, Any] = {

@@ -72,9 +72,9 @@ from pipelines.chat import (
     tokenize_conversation,
 )
 from pipelines.config import FormatConfig, Params
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json
 from pipelines.preflight import preflight
-from pipelines.schemas import FormattedSchema, conversation_problem, trained, validate
+from pipelines.schemas import FormattedSchema, conversation_problem, describe_failures, trained, validate
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +346,7 @@ def _schema_problem(rows: list[dict[str, Any]]) -> str | None:
     try:
         validate(FormattedSchema, rows)
     except pandera.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
-        first = cases.iloc[0]
-        return (f"{len(cases)} failure(s) of FormattedSchema, first: column {first['column']!r}, "
-                f"check {first['check']!r}, value {str(first['failure_case'])[:80]!r}")
+        return describe_failures(exc, "the formatted rows (FormattedSchema)", "this is a bug in the format stage")
     return None
 
 
@@ -453,6 +450,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     started = time.perf_counter()
     cfg = params.format
     preflight(params, "format")
+    claim_output(params, "formatted")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("cleaned") / "examples.jsonl", "clean")
     tokenizer = load_tokenizer(params.path("base_model"), params.model.trust_remote_code)
     n_tokens, n_completion = array("l"), array("l")  # 8 bytes per row: the only state that grows with the data
@@ -462,7 +460,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     seen_ids: set[str] = set()
     truncated = dropped = rows_in = expanded = 0
     out_dir = params.path("formatted")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "formatted") as tmp:
         with open(tmp / "dataset.jsonl", "w", encoding="utf-8") as data_fh, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_fh:
             for chunk in _formatted_chunks(source, tokenizer, cfg, workers or _usable_cpus()):
@@ -471,8 +469,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
                         raise StageError(f"'{source}' has the id {row_id!r} twice; re-run the clean stage")
                     seen_ids.add(row_id)
                 if chunk.problem:
-                    raise StageError(f"formatted rows from '{source}' break the data contract: {chunk.problem}; "
-                                     "this is a bug in the format stage, please report it")
+                    raise StageError(f"{chunk.problem} (rows from '{source}'), please report it")
                 data_fh.write(chunk.data)
                 quarantine_fh.write(chunk.quarantine)
                 n_tokens.extend(chunk.n_tokens)

@@ -4,7 +4,9 @@
 
 Reads `.jsonl`/`.ndjson` (streamed line by line), `.json` (an array, a single object, or JSONL saved
 as .json), `.csv` (streamed; a header row, one record per row) and `.parquet` (streamed in batches),
-recursively and in sorted order. Row formats (detected per row unless `data.format` says otherwise):
+recursively and in sorted order. A file is read by its content when that does not match its name: JSON
+Lines in a .json file, and a JSON array (pretty-printed or on one line) in a .jsonl file, are read as what
+they are, with a note in the report. Row formats (detected per row unless `data.format` says otherwise):
 
     messages           {"messages": [{"role", "content"}], "tools"?}          (OpenAI / TRL conversational)
     sharegpt           {"conversations": [{"from", "value"}], "system"?, "tools"?}
@@ -12,12 +14,52 @@ recursively and in sorted order. Row formats (detected per row unless `data.form
     prompt_completion  {"prompt", "completion"}   prompt_response {"prompt", "response"}
     input_output       {"input", "output"}
 
+Values, the same from every reader (JSON, JSONL, CSV, Parquet):
+- a number or boolean in a text field is its JSON text (42 -> "42", 12.5 -> "12.5", true -> "true"; an
+  integral float 42.0, which pandas writes for an integer column with gaps, -> "42");
+- a missing value (null, NaN that pandas writes into JSON, None/NaN in Parquet, an empty CSV cell) is "":
+  an optional field (input, system, history) is then simply absent, an empty required one (the answer)
+  gets the row quarantined as an empty message.
+
+Roles: ROLE_ALIASES maps the speaker names other tools write (case-insensitive) to system, user,
+assistant and tool: developer -> system; human, prompter -> user; gpt, chatgpt, model (Gemma / Vertex AI),
+bot, chatbot, ai -> assistant; function_call -> assistant (ShareGPT tool call); function, observation,
+ipython -> tool. Content is a string or a list of parts in the shapes OpenAI's APIs write: chat
+{"type": "text", "text"}, Responses {"type": "input_text" | "output_text", "text"}, Assistants
+{"type": "text", "text": {"value"}}, and {"type": "refusal", "refusal"}; text parts are joined by newlines.
+Image, audio and file parts are refused with a reason naming the part type.
+
+Tool calls. The row contract has no tool_calls key, so a call is text of the assistant message, the text
+the model learns to write. Each call is one line of JSON, {"name": ..., "arguments": ...} (arguments as
+given: a JSON string in OpenAI's format, an object in ShareGPT's), the same line for every shape:
+OpenAI `tool_calls` ({"function": {"name", "arguments"}}), legacy `function_call`, Responses API
+{"type": "function_call"} items and ShareGPT `function_call` turns. An assistant message with text and
+calls becomes the text, a newline, then the calls one per line; with content null, absent or "" it is
+the calls alone. Results (role tool / function, ShareGPT observation, Responses function_call_output)
+are tool messages; a result or a ShareGPT function_call exported as a JSON object instead of JSON text
+is written as that text (the call in the {"name", "arguments"} form). Row-level `tools`, or else the
+legacy top-level `functions`, become `tools`.
+
+Per-turn training flags. An assistant message keeps OpenAI's "weight" (0 or 1); Axolotl's per-message
+flag "train" / "training" (false / true, read by its `message_field_training`) becomes the same weight.
+Weight 0 keeps the turn as context without loss (schemas.trained). Non-assistant turns are never trained,
+so a flag on them is dropped (counted as turn_flag_ignored when it asked for training). A row whose every
+assistant turn has weight 0 is quarantined as all_turns_weight_zero (not counted as malformed).
+
+Conversation shape. Turns after the last assistant message (the user's next question, a tool result) are
+trimmed and the row is kept (counted as trailing_turns_trimmed); a conversation that opens with an
+assistant greeting is kept, and the format stage decides whether the chat template can render it.
+
 Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) belong to a preference-tuning
 stage and are quarantined as `unsupported_format`; KTO rows with `label: false` are excluded as
 `undesirable_example`. Neither counts as malformed. Nothing bad crashes the stage or costs a good
-row: each bad line is quarantined with its file, line and reason, and a file that cannot be read at
-all gets one sentence in the report. Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl,
-report.json.
+row: each bad line is quarantined with its file, line, reason and an excerpt (PII and secrets redacted
+when clean.redact_pii is on, as the data will be), and a file that cannot be read at all gets one
+sentence in the report; each change made to a kept row is counted in the report's `changes` (CHANGES).
+Files are found by `raw_files`: symlinks that leave the project are reported and not read unless
+data.follow_links; dangling links, pipes and hidden files are reported; a file name that is not UTF-8 is
+read and recorded with its bytes escaped. A CSV's delimiter is sniffed (`_read_csv`).
+Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl, report.json.
 """
 
 from __future__ import annotations
@@ -25,33 +67,44 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
 from pipelines.config import Params
-from pipelines.io import StageError, StageResult, atomic_dir, write_json
-from pipelines.schemas import ConversationSchema, conversation_problem, validate
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, write_json
+from pipelines.pii import redact
+from pipelines.schemas import ConversationSchema, conversation_problem, trained, validate
 
 STAGE = "ingest"
 EXCERPT_CHARS = 200
 CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds memory on big inputs)
 
 # Rules that remove a row without it being broken: they never count toward data.max_bad_fraction.
-NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example"})
-
-_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                 "tool": "tool", "function": "tool"}
-_SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "function_call": "assistant",  # the model's tool call is something the model says
-    "observation": "tool", "tool": "tool", "function": "tool",
+NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example", "all_turns_weight_zero", "repeated_header"})
+# Changes made to rows that are kept, counted per row in the report (report["changes"]).
+CHANGES = {
+    "value_as_text": "numbers, booleans or (tool results) objects in text fields were written as their JSON text",
+    "trailing_turns_trimmed": "turns after the last assistant answer were trimmed",
+    "turn_flag_ignored": "a non-assistant turn was flagged for training (weight 1 / train true); only assistant "
+                         "turns are trained, so the flag was ignored",
 }
+
+ROLE_ALIASES = {
+    "system": "system", "developer": "system",
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant", "bot": "assistant",
+    "chatbot": "assistant", "ai": "assistant", "function_call": "assistant",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
+}
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_TURN_FLAGS = ("weight", "train", "training")  # OpenAI / mistral-finetune, then Axolotl's usual names
 _PAIR_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "prompt_response": ("prompt", "response"),
@@ -104,9 +157,12 @@ def detect_format(obj: dict[str, Any]) -> str | None:
 
 
 def normalise_row(
-    obj: Any, fmt: str = "auto", system_prompt: str | None = None
+    obj: Any, fmt: str = "auto", system_prompt: str | None = None, changes: Counter | None = None
 ) -> tuple[dict[str, Any] | None, Rejection | None]:
-    """({format, messages, tools, meta}, None) for a trainable row, else (None, Rejection(reason, rule))."""
+    """({format, messages, tools, meta}, None) for a trainable row, else (None, Rejection(reason, rule)).
+
+    `changes`, when given, counts the rows kept with a change (see CHANGES), once per row and kind.
+    """
     if not isinstance(obj, dict):
         return None, Rejection(f"record is a JSON {_type(obj)}, expected an object with the row's fields")
     detected = detect_format(obj)
@@ -124,14 +180,17 @@ def normalise_row(
         return None, Rejection(
             f"no known row format in keys {_keys(obj)}; expected messages, conversations, instruction/output, "
             "prompt/completion, prompt/response or input/output", "unknown_format")
+    notes: set[str] = set()
     try:
-        messages, tools, used = _BUILDERS[detected](obj)
-        messages = _finish(messages, system_prompt)
+        messages, tools, used = _BUILDERS[detected](obj, notes)
+        messages = _finish(messages, system_prompt, notes)
     except _Invalid as exc:
         return None, Rejection(str(exc), exc.rule)
     if obj.get("label") is False:
         return None, Rejection("row is labelled false (an undesirable example); SFT must not learn from it",
                                "undesirable_example")
+    if notes and changes is not None:
+        changes.update(notes)
     meta = {k: v for k, v in obj.items() if k not in used}
     return {"format": detected, "messages": messages, "tools": tools, "meta": meta}, None
 
@@ -145,44 +204,174 @@ def _keys(obj: dict[str, Any]) -> str:
     return "[" + ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "") + "]"
 
 
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"{what} must be a string, got {_type(value)}")
-    return value
+def _missing(value: Any) -> bool:
+    """null in JSON, None or NaN in Parquet, NaN that pandas writes into JSON for a missing value."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _content(value: Any, i: int) -> str:
-    """A message's content: a string, or OpenAI content parts of type text (joined by newlines)."""
+def _scalar(value: Any) -> str | None:
+    """A number or boolean as its JSON text (true, 42, 12.5), None for any other value.
+
+    Integral floats are written without ".0" (42.0 -> "42", as JSON.stringify does): pandas turns an integer
+    column with a missing value into floats, and the answer 42 must not become "42.0".
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, Decimal) and value.is_finite():  # Parquet decimal columns
+        return str(value)
+    return None
+
+
+def _text(value: Any, what: str, notes: set[str]) -> str:
+    """A text field: a string as is, a number or boolean as its JSON text, a missing value as ""."""
+    if isinstance(value, str):
+        return value
+    if _missing(value):
+        return ""  # an optional field is simply empty; a required one is refused by _finish as empty
+    text = _scalar(value)
+    if text is None:
+        raise _Invalid(f"{what} must be text, a number or a boolean, got {_type(value)}")
+    notes.add("value_as_text")
+    return text
+
+
+def _part_text(part: Any, i: int) -> str:
+    """The text of one content part, in the shapes OpenAI's APIs write (see the module docstring)."""
+    if isinstance(part, str):
+        return part
+    kind = part.get("type", "text") if isinstance(part, dict) else _type(part)
+    if isinstance(part, dict):
+        if kind in _TEXT_PARTS:
+            text = part.get("text")
+            if isinstance(text, dict):  # Assistants API: {"type": "text", "text": {"value", "annotations"}}
+                text = text.get("value")
+            if isinstance(text, str):
+                return text
+            raise _Invalid(f"message {i} has a {kind!r} content part without a text string")
+        if kind == "refusal" and isinstance(part.get("refusal"), str):  # what the model said, as text
+            return part["refusal"]
+    raise _Invalid(f"message {i} has a {kind!r} content part; only text parts (text, input_text, output_text, "
+                   "refusal) can be used for text SFT, so remove the part or the row")
+
+
+def _content(value: Any, i: int, notes: set[str]) -> str:
+    """A message's content: text, a number or boolean (its JSON text), missing (""), or a list of text parts
+    (joined by newlines)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        texts = []
-        for part in value:
-            kind = part.get("type") if isinstance(part, dict) else _type(part)
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise _Invalid(f"message {i} has a {kind!r} content part; only text parts can be used for text SFT")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _Invalid(f"message {i} content must be a string or a list of text parts, got {_type(value)}")
+        return "\n".join(_part_text(part, i) for part in value)
+    if _missing(value):
+        return ""
+    text = _scalar(value)
+    if text is None:
+        raise _Invalid(f"message {i} content must be text or a list of text parts, got {_type(value)}")
+    notes.add("value_as_text")
+    return text
 
 
-def _openai_message(m: Any, i: int) -> dict[str, str]:
+def _json_text(value: Any, notes: set[str]) -> str:
+    notes.add("value_as_text")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _call_text(call: Any, i: int) -> str:
+    """One tool call as the text the model learns to write: {"name": ..., "arguments": ...} (see the docstring)."""
+    fn = call
+    if isinstance(call, dict):
+        for key in ("function", "custom"):  # chat: {"id", "type": "function", "function": {"name", "arguments"}}
+            if isinstance(call.get(key), dict):
+                fn = call[key]
+                break
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise _Invalid(f"message {i} has a tool call without a function name; expected "
+                       '{"function": {"name": ..., "arguments": ...}} or {"name": ..., "arguments": ...}')
+    arguments = fn.get("arguments", fn.get("input", {}))  # custom tools carry "input"
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+def _weight(m: dict[str, Any], i: int) -> int | None:
+    """OpenAI's per-turn "weight" (0 or 1) or Axolotl's per-message "train"/"training" flag, as 0 or 1."""
+    for key in _TURN_FLAGS:
+        value = m.get(key)
+        if _missing(value):
+            continue
+        if not isinstance(value, str) and value in (0, 1):  # 0, 1, false, true, 0.0, 1.0
+            return int(value)
+        raise _Invalid(f"message {i} has {key} {value!r}; expected 0 or 1 (false or true): 0 keeps an assistant "
+                       "turn as context without training on it")
+    return None
+
+
+def _turn(m: Any, i: int, notes: set[str], what: str) -> dict[str, Any]:
+    """One message (or ShareGPT turn, or Responses API item) -> {"role", "content", "weight"?}."""
     if not isinstance(m, dict):
-        raise _Invalid(f"message {i} must be an object with role and content, got {_type(m)}")
-    role = m.get("role")
-    if not isinstance(role, str) or role not in _OPENAI_ROLES:
-        raise _Invalid(f"message {i} has role {role!r}; expected system, user, assistant or tool")
-    content = m.get("content")
-    if content is None and m.get("tool_calls"):
-        # An assistant turn that only calls tools: the calls are the text the model must learn to emit.
-        content = json.dumps(m["tool_calls"], ensure_ascii=False)
-    # Other keys (name, tool_call_id, weight) are not part of the row contract and are dropped.
-    return {"role": _OPENAI_ROLES[role], "content": _content(content, i)}
+        raise _Invalid(f"{what} {i} must be an object with role and content, got {_type(m)}")
+    if len(m) == 2:  # the usual {"role", "content"} or {"from", "value"}, with a known role and text: no more to read
+        speaker, value = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if type(value) is str and type(speaker) is str and (role := ROLE_ALIASES.get(speaker)) is not None:
+            return {"role": role, "content": value}
+    if "role" not in m and "from" not in m and m.get("type") in ("function_call", "function_call_output"):
+        if m["type"] == "function_call":  # Responses API items
+            return {"role": "assistant", "content": _call_text(m, i), "call_item": True}
+        return {"role": "tool", "content": _content(m.get("output"), i, notes)}
+    speaker = m["role"] if "role" in m else m.get("from")
+    role = None
+    if isinstance(speaker, str):
+        role = ROLE_ALIASES.get(speaker) or ROLE_ALIASES.get(speaker.strip().lower())
+    if role is None:
+        where = f"turn {i} is from {speaker!r}" if what == "turn" else f"message {i} has role {speaker!r}"
+        raise _Invalid(f"{where}; expected system, user, assistant or tool (or an alias such as human, gpt, "
+                       "model, function_call, observation)")
+    value = m["content"] if "content" in m else m.get("value")
+    if isinstance(value, dict) and role in ("assistant", "tool"):
+        # A call or a tool result exported as an object rather than JSON text (glaive-style exports).
+        content = _call_text(value, i) if speaker.strip().lower() == "function_call" else _json_text(value, notes)
+    else:
+        content = _content(value, i, notes)
+    calls = [m["function_call"]] if not _missing(m.get("function_call")) else []  # legacy OpenAI functions
+    tool_calls = m.get("tool_calls")
+    if not _missing(tool_calls):
+        if not isinstance(tool_calls, list):
+            raise _Invalid(f"message {i} 'tool_calls' must be a list of calls, got {_type(tool_calls)}")
+        calls += tool_calls
+    if calls:
+        if role != "assistant":
+            raise _Invalid(f"message {i} ({role}) has tool calls; only assistant messages call tools")
+        content = "\n".join(([content] if content.strip() else []) + [_call_text(c, i) for c in calls])
+    message: dict[str, Any] = {"role": role, "content": content}
+    if role == "assistant":
+        if (weight := _weight(m, i)) is not None:
+            message["weight"] = weight
+    elif any(m.get(key) in (1, True) for key in _TURN_FLAGS if not isinstance(m.get(key), str)):
+        notes.add("turn_flag_ignored")  # only assistant turns are trained; a request to train this one is not met
+    return message
+
+
+def _turns(raw: Any, key: str, what: str, notes: set[str]) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        shape = "{role, content}" if what == "message" else "{from, value}"
+        raise _Invalid(f"'{key}' must be a list of {shape} objects, got {_type(raw)}")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(raw):
+        turn = _turn(m, i, notes, what)
+        if turn.pop("call_item", False) and messages and messages[-1]["role"] == "assistant":
+            # A Responses API function_call item belongs to the assistant turn before it: text, then calls.
+            previous = messages[-1]["content"]
+            messages[-1]["content"] = f"{previous}\n{turn['content']}" if previous.strip() else turn["content"]
+            continue
+        messages.append(turn)
+    return messages
 
 
 def _tools(value: Any) -> str | None:
     """Tool schemas as a JSON string (the row contract), or None when there are none."""
-    if value is None or value == "":
+    if _missing(value) or value == "":
         return None
     if isinstance(value, str):
         try:
@@ -194,48 +383,45 @@ def _tools(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False) if value else None
 
 
-def _with_system(messages: list[dict[str, str]], obj: dict[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
+def _row_tools(obj: dict[str, Any]) -> tuple[str | None, set[str]]:
+    """`tools`, or else the legacy OpenAI `functions` list; and the keys consumed."""
+    tools = _tools(obj.get("tools"))
+    if tools is None and "functions" in obj:
+        return _tools(obj["functions"]), {"tools", "functions"}
+    return tools, {"tools"}
+
+
+def _with_system(messages: list[dict[str, Any]], obj: dict[str, Any],
+                 notes: set[str]) -> tuple[list[dict[str, Any]], set[str]]:
     """Prepend the row's optional `system` field unless the conversation already has a system message."""
     system = obj.get("system")
-    if system is None or any(m["role"] == "system" for m in messages):
+    if _missing(system) or any(m["role"] == "system" for m in messages):
         return messages, set()
-    return [{"role": "system", "content": _text(system, "'system'")}, *messages], {"system"}
+    return [{"role": "system", "content": _text(system, "'system'", notes)}, *messages], {"system"}
 
 
-Built = tuple[list[dict[str, str]], str | None, set[str]]  # messages, tools, keys consumed (not meta)
+Built = tuple[list[dict[str, Any]], str | None, set[str]]  # messages, tools, keys consumed (not meta)
 
 
-def _from_messages(obj: dict[str, Any]) -> Built:
-    raw = obj["messages"]
-    if not isinstance(raw, list):
-        raise _Invalid(f"'messages' must be a list of {{role, content}} objects, got {_type(raw)}")
-    return [_openai_message(m, i) for i, m in enumerate(raw)], _tools(obj.get("tools")), {"messages", "tools"}
+def _from_messages(obj: dict[str, Any], notes: set[str]) -> Built:
+    messages = _turns(obj["messages"], "messages", "message", notes)
+    tools, used = _row_tools(obj)
+    return messages, tools, {"messages", *used}
 
 
-def _from_sharegpt(obj: dict[str, Any]) -> Built:
-    raw = obj["conversations"]
-    if not isinstance(raw, list):
-        raise _Invalid(f"'conversations' must be a list of {{from, value}} objects, got {_type(raw)}")
-    messages = []
-    for i, turn in enumerate(raw):
-        if not isinstance(turn, dict):
-            raise _Invalid(f"turn {i} must be an object with from and value, got {_type(turn)}")
-        speaker = turn.get("from", turn.get("role"))
-        role = _SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            raise _Invalid(f"turn {i} is from {speaker!r}; expected human, gpt, system, function_call or observation")
-        messages.append({"role": role, "content": _content(turn.get("value", turn.get("content")), i)})
-    messages, used = _with_system(messages, obj)
-    return messages, _tools(obj.get("tools")), {"conversations", "tools", *used}
+def _from_sharegpt(obj: dict[str, Any], notes: set[str]) -> Built:
+    messages = _turns(obj["conversations"], "conversations", "turn", notes)
+    messages, system = _with_system(messages, obj, notes)
+    tools, used = _row_tools(obj)
+    return messages, tools, {"conversations", *used, *system}
 
 
-def _from_alpaca(obj: dict[str, Any]) -> Built:
-    instruction = _text(obj.get("instruction"), "'instruction'")
-    extra = obj.get("input")
-    extra = "" if extra is None else _text(extra, "'input'")
-    output = _text(obj.get("output"), "'output'")
+def _from_alpaca(obj: dict[str, Any], notes: set[str]) -> Built:
+    instruction = _text(obj.get("instruction"), "'instruction'", notes)
+    extra = _text(obj.get("input"), "'input'", notes)
+    output = _text(obj.get("output"), "'output'", notes)
     history = obj.get("history")
-    if history in (None, ""):
+    if _missing(history) or history == "":
         history = []
     if not isinstance(history, list):
         raise _Invalid(f"'history' must be a list of [question, answer] pairs, got {_type(history)}")
@@ -243,54 +429,71 @@ def _from_alpaca(obj: dict[str, Any]) -> Built:
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise _Invalid(f"history item {i} must be a [question, answer] pair")
-        messages += [{"role": "user", "content": _text(pair[0], f"history item {i} question")},
-                     {"role": "assistant", "content": _text(pair[1], f"history item {i} answer")}]
+        messages += [{"role": "user", "content": _text(pair[0], f"history item {i} question", notes)},
+                     {"role": "assistant", "content": _text(pair[1], f"history item {i} answer", notes)}]
     user = "\n\n".join(part for part in (instruction, extra) if part.strip())
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    messages, used = _with_system(messages, obj)
+    messages, used = _with_system(messages, obj, notes)
     return messages, None, {"instruction", "input", "output", "history", *used}
 
 
-def _pair_builder(fmt: str) -> Callable[[dict[str, Any]], Built]:
+def _pair_builder(fmt: str) -> Callable[[dict[str, Any], set[str]], Built]:
     prompt_key, answer_key = _PAIR_KEYS[fmt]
 
-    def build(obj: dict[str, Any]) -> Built:
+    def build(obj: dict[str, Any], notes: set[str]) -> Built:
         prompt, answer = obj.get(prompt_key), obj.get(answer_key)
         if isinstance(prompt, list) and isinstance(answer, list):  # TRL's conversational prompt-completion
-            messages = [_openai_message(m, i) for i, m in enumerate(prompt + answer)]
+            messages = _turns(prompt + answer, prompt_key, "message", notes)
         else:
-            messages = [{"role": "user", "content": _text(prompt, f"'{prompt_key}'")},
-                        {"role": "assistant", "content": _text(answer, f"'{answer_key}'")}]
-        messages, used = _with_system(messages, obj)
-        return messages, _tools(obj.get("tools")), {prompt_key, answer_key, "tools", *used}
+            messages = [{"role": "user", "content": _text(prompt, f"'{prompt_key}'", notes)},
+                        {"role": "assistant", "content": _text(answer, f"'{answer_key}'", notes)}]
+        messages, used = _with_system(messages, obj, notes)
+        tools, tool_keys = _row_tools(obj)
+        return messages, tools, {prompt_key, answer_key, *tool_keys, *used}
 
     return build
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Any]], Built]] = {
+_BUILDERS: dict[str, Callable[[dict[str, Any], set[str]], Built]] = {
     "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
     **{fmt: _pair_builder(fmt) for fmt in _PAIR_KEYS},
 }
 
 
-def _order_problem(messages: list[dict[str, str]]) -> str | None:
-    """Role orders that chat templates reject or that make no sense to train on."""
+def _order_problem(messages: list[dict[str, Any]]) -> str | None:
+    """Role orders that chat templates reject or that make no sense to train on.
+
+    An opening assistant turn (a greeting) is allowed: whether the chat template can render it is the
+    format stage's decision, not ingest's."""
+    previous, users = None, 0
     for i, m in enumerate(messages):
-        if m["role"] == "system" and i > 0:
+        role = m["role"]
+        if role == "user":
+            users += 1
+        elif role == "system" and i > 0:
             return f"system message {i} is not the first message"
-        if m["role"] == "tool" and (i == 0 or messages[i - 1]["role"] not in ("assistant", "tool")):
+        elif role == "tool" and previous not in ("assistant", "tool"):
             return f"tool message {i} does not follow an assistant tool call"
-    first = next((m["role"] for m in messages if m["role"] != "system"), None)
-    if first not in (None, "user"):
-        return f"conversation starts with role {first!r}; expected a user message first"
+        previous = role
+    if messages and not users:
+        return "conversation has no user message; an answer needs a user turn to answer"
     return None
 
 
-def _finish(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """Drop empty system messages, add the default system prompt, and check the conversation."""
+def _finish(messages: list[dict[str, Any]], system_prompt: str | None, notes: set[str]) -> list[dict[str, Any]]:
+    """Drop empty system messages, add the default system prompt, trim turns after the last assistant
+    answer, and check the conversation."""
     messages = [m for m in messages if m["role"] != "system" or m["content"].strip()]
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
+    last = len(messages) - 1
+    while last >= 0 and messages[last]["role"] != "assistant":
+        last -= 1
+    if 0 <= last < len(messages) - 1:
+        # A conversation exported mid-dialogue (it ends with the user's next question, or a tool result):
+        # the turns after the last answer teach nothing; the answers before them are kept.
+        messages = messages[: last + 1]
+        notes.add("trailing_turns_trimmed")
     for i, m in enumerate(messages):
         if not m["content"].strip():
             raise _Invalid(f"message {i} ({m['role']}) is empty", "invalid_conversation")
@@ -298,6 +501,9 @@ def _finish(messages: list[dict[str, str]], system_prompt: str | None) -> list[d
             raise _Invalid(f"message {i} ({m['role']}) contains a NUL character; the text looks like binary data")
     problem = _order_problem(messages) or conversation_problem(messages)
     if problem:
+        if last >= 0 and not any(trained(m) for m in messages):
+            raise _Invalid("every assistant turn has weight 0 (kept as context, not learned), so the row has "
+                           "nothing to train on", "all_turns_weight_zero")
         raise _Invalid(problem, "invalid_conversation")
     return messages
 
@@ -368,11 +574,41 @@ def _unreadable(fh: IO[bytes], notes: list[str]) -> Record | None:
     return None
 
 
+def _holds_json_array(fh: IO[bytes], limit: int) -> bool:
+    """True when a JSON Lines file is one JSON array instead: its first line opens an array that the line
+    does not close (json.dump(rows, indent=2)), or its only line is an array of objects (json.dump(rows))."""
+    found = False
+    for _, raw, too_long in _physical_lines(fh, limit):
+        line = raw.removeprefix(_BOM).strip()
+        if too_long or (line and found):
+            return False  # a second line: JSON Lines whose first record happens to be an array
+        if not line:
+            continue
+        if not line.startswith(b"["):
+            return False
+        try:
+            text = line.decode("utf-8")
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return exc.pos >= len(text)  # the line ends inside the array: the array goes on below
+        except (ValueError, RecursionError):
+            return False
+        if not (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+            return False
+        found = True
+    return found
+
+
 def _read_jsonl(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
     with open(path, "rb") as fh:
         if rejected := _unreadable(fh, notes):
             yield rejected
             return
+        if _holds_json_array(fh, limit):
+            notes.append("holds a JSON array, not JSON Lines; it was read as JSON (rename it to .json)")
+            yield from _read_json(path, limit, notes)
+            return
+        fh.seek(0)
         for number, raw, too_long in _physical_lines(fh, limit):
             if too_long:
                 yield _too_long(number, limit)
@@ -498,9 +734,40 @@ def _csv_cell(key: str, value: str) -> Any:
     return value
 
 
+_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+_SNIFF_BYTES = 64 * 1024  # the first lines csv.Sniffer looks at
+
+
+def _delimiter(fh: IO[bytes]) -> str:
+    """The file's delimiter: ',' unless its header line has no comma and csv.Sniffer finds ';', tab or '|'
+    splitting it (Excel in many locales writes ';'). A header that commas split keeps ',' as before."""
+    sample = fh.read(_SNIFF_BYTES)
+    fh.seek(0)
+    lines = [line for line in sample.decode("utf-8", "replace").splitlines() if line.strip()]
+    if len(sample) == _SNIFF_BYTES and len(lines) > 1:
+        lines.pop()  # cut off mid-line
+    if not lines:
+        return ","
+    header = lines[0].removeprefix("\ufeff")
+    if len(next(csv.reader([header]))) > 1:
+        return ","
+    try:
+        found = csv.Sniffer().sniff("\n".join(lines[:50]), delimiters="".join(_DELIMITERS)[1:]).delimiter
+    except csv.Error:  # too few lines to agree on one: the header alone decides
+        found = max(list(_DELIMITERS)[1:], key=header.count)
+    return found if len(next(csv.reader([header], delimiter=found))) > 1 else ","
+
+
 def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
-    """Streamed with the csv module; a record spanning lines gets the number of its first line."""
+    """Streamed with the csv module; a record spanning lines gets the number of its first line.
+
+    The delimiter is sniffed (`_delimiter`): a ';'-, tab- or '|'-delimited export is read with it, and the
+    report says so. A record equal to the header (concatenated exports: `cat a.csv b.csv`, each with its
+    header and maybe a BOM) is never a row: it is quarantined as `repeated_header`, which is not counted as
+    malformed. A BOM is dropped at the start of every line, not only the first.
+    """
     overlong: list[int] = []
+    repeated: list[int] = []
 
     def lines(fh: IO[bytes]) -> Iterator[str]:
         for number, raw, too_long in _physical_lines(fh, limit):
@@ -508,7 +775,7 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                 overlong.append(number)
                 yield "\n"  # keeps csv's line count aligned with the file; a blank record is skipped
                 continue
-            yield (raw.removeprefix(_BOM) if number == 1 else raw).decode("utf-8", "surrogateescape")
+            yield raw.removeprefix(_BOM).decode("utf-8", "surrogateescape")
 
     previous_limit = csv.field_size_limit(limit)  # an unclosed quote must not swallow the whole file
     try:
@@ -516,7 +783,12 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
             if rejected := _unreadable(fh, notes):
                 yield rejected
                 return
-            reader = csv.reader(lines(fh))
+            delimiter = _delimiter(fh)
+            name = _DELIMITERS[delimiter]
+            if delimiter != ",":
+                notes.append(f"is {name}-delimited (its header line has no comma), so it was read with "
+                             f"{delimiter!r} as the delimiter")
+            reader = csv.reader(lines(fh), delimiter=delimiter)
             header: list[str] | None = None
             end = 0
             while True:
@@ -538,16 +810,25 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                     continue
                 elif header is None:
                     header = [cell.strip() for cell in row]
+                elif sorted(cell.strip() for cell in row) == sorted(header):
+                    repeated.append(begin)
+                    yield Record(begin, text=delimiter.join(row)[:EXCERPT_CHARS], problem=Rejection(
+                        "line repeats the header (files concatenated with their headers?); it is not a row",
+                        "repeated_header"))
                 elif len(row) != len(header):
                     where = f"record on lines {begin}-{end}" if end > begin else "record"
-                    yield Record(begin, text=",".join(row)[:EXCERPT_CHARS], problem=Rejection(
+                    yield Record(begin, text=delimiter.join(row)[:EXCERPT_CHARS], problem=Rejection(
                         f"{where} has {len(row)} fields but the header has {len(header)}; quote fields that contain "
-                        "commas or newlines, and close every quote", "malformed_csv"))
+                        f"{name}s or newlines, and close every quote", "malformed_csv"))
                 else:
                     obj = {k: _csv_cell(k, v) for k, v in zip(header, row, strict=True)}
-                    yield Record(begin, obj, ",".join(row)[:EXCERPT_CHARS])
+                    yield Record(begin, obj, delimiter.join(row)[:EXCERPT_CHARS])
     finally:
         csv.field_size_limit(previous_limit)
+        if repeated:
+            shown = ", ".join(map(str, repeated[:5])) + (", ..." if len(repeated) > 5 else "")
+            notes.append(f"repeats its header line at line {shown} (exports concatenated with their headers?); "
+                         f"{_rows(len(repeated))} quarantined as repeated_header, not read as data")
 
 
 def _read_parquet(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
@@ -599,19 +880,21 @@ class FileReport:
     quarantined: int = 0
     formats: Counter = field(default_factory=Counter)
     rules: Counter = field(default_factory=Counter)
+    changes: Counter = field(default_factory=Counter)  # kept rows changed, per kind (CHANGES)
     messages: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "kept": self.kept,
                 "quarantined": self.quarantined, "formats": dict(self.formats), "rules": dict(self.rules),
-                "messages": self.messages}
+                "changes": dict(self.changes), "messages": self.messages}
 
 
 class _Sink:
     """Kept rows are validated against the row contract in chunks, then written; rejects go straight out."""
 
-    def __init__(self, examples: IO[str], quarantine: IO[str]) -> None:
+    def __init__(self, examples: IO[str], quarantine: IO[str], redact_pii: bool = True) -> None:
         self.examples, self.quarantine = examples, quarantine
+        self.redact_pii = redact_pii  # clean.redact_pii: the quarantine must not keep what the data has redacted
         self.rows: list[dict[str, Any]] = []
         self.lines: list[str] = []
 
@@ -628,8 +911,11 @@ class _Sink:
         self.rows, self.lines = [], []
 
     def reject(self, source: str, record: Record, why: Rejection) -> None:
-        entry = {"source": source, "line": record.line, "stage": STAGE, "rule": why.rule, "reason": str(why),
-                 "excerpt": _excerpt(record), **record.extra}
+        excerpt, reason = _excerpt(record), str(why)
+        if self.redact_pii:  # the excerpt is raw input, and a reason may quote keys or values of the row
+            excerpt, reason = redact(excerpt)[0], redact(reason)[0]
+        entry = {"source": source, "line": record.line, "stage": STAGE, "rule": why.rule, "reason": reason,
+                 "excerpt": excerpt, **record.extra}
         self.quarantine.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
@@ -659,7 +945,8 @@ def _route(record: Record, source: str, report: FileReport, sink: _Sink, params:
     why = record.problem
     row = None
     if why is None:
-        row, why = normalise_row(record.obj, params.data.format, params.data.system_prompt)
+        changes: Counter = Counter()
+        row, why = normalise_row(record.obj, params.data.format, params.data.system_prompt, changes)
     if row is not None:
         row = {"id": row_id(source, record.line), "source": source, "line": record.line, **row}
         line, why = _serialise(row)
@@ -670,6 +957,7 @@ def _route(record: Record, source: str, report: FileReport, sink: _Sink, params:
     else:
         sink.keep(row, line)
         report.kept += 1
+        report.changes.update(changes)
         report.formats[row["format"]] += 1
 
 
@@ -698,18 +986,80 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileRe
     if n := report.rules["undesirable_example"]:
         report.messages.append(f"{source}: {_rows(n)} labelled false (undesirable examples) excluded; SFT "
                                "must not learn from examples marked bad")
+    if n := report.rules["all_turns_weight_zero"]:
+        report.messages.append(f"{source}: {_rows(n)} with weight 0 on every assistant turn excluded as "
+                               "all_turns_weight_zero; such a row has nothing to train on")
+    for kind, what in CHANGES.items():
+        if n := report.changes[kind]:
+            report.messages.append(f"{source}: {_rows(n)} kept with a change ({kind}): {what}")
     if report.rows_read == 0 and not notes:
         report.messages.append(f"{source}: no rows found in the file")
     return report
 
 
+def _printable(path: str | Path) -> str:
+    """A path as text that UTF-8 can hold: bytes of a name that are not UTF-8 (a Latin-1 name from a zip) become
+    backslash escapes, e.g. data/raw/caf\\xe9.jsonl; a UTF-8 name stays as it is."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _relative(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    """The path relative to `root` as a report, a quarantine entry and a row id hold it (see _printable)."""
+    return _printable(Path(os.path.relpath(path, root)).as_posix())
 
 
-def raw_files(raw_dir: Path) -> list[Path]:
-    """Every file under raw_dir, recursively, in a stable order (sorted relative paths)."""
-    return sorted((p for p in raw_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(raw_dir).as_posix())
+def _undecodable_name(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def raw_files(raw_dir: Path, root: Path | None = None, follow_links: bool = False) -> list[tuple[Path, str | None]]:
+    """Every file under raw_dir, recursively, in a stable order (sorted relative paths): (path, None) for a file
+    to read, (path, why) for one that is not read, so that nothing is skipped in silence.
+
+    Symlinks are followed when their target lies inside the project folder `root` or inside raw_dir's real
+    folder (a linked folder is walked once, however often it is linked). A link that leaves both is not
+    read unless `follow_links` (data.follow_links): a committed link must not copy a file such as
+    /etc/passwd or a key into the outputs. Dangling links and pipes, sockets or devices are reported.
+    """
+    real_raw = Path(os.path.realpath(raw_dir))
+    zones = (real_raw, Path(os.path.realpath(root or raw_dir)))
+    found: list[tuple[Path, str | None]] = []
+    walked = {real_raw}
+
+    def walk(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            found.append((folder, f"folder cannot be read ({exc.strerror}); check its permissions"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            real = Path(os.path.realpath(path))  # a link loop resolves to a path that does not exist
+            if entry.is_symlink():
+                if not real.exists():
+                    found.append((path, f"is a symlink to '{_printable(os.readlink(path))}', which does not exist (or "
+                                        "is a loop of links); fix or remove the link"))
+                    continue
+                if not follow_links and not any(real.is_relative_to(zone) for zone in zones):
+                    found.append((path, f"is a symlink to '{_printable(real)}', outside the project, so it was not "
+                                        "read; copy the file into the project, or set data.follow_links: true to "
+                                        "read such links"))
+                    continue
+            if real.is_dir():
+                if real not in walked:
+                    walked.add(real)
+                    walk(path)
+            elif real.is_file():
+                found.append((path, None))
+            else:
+                found.append((path, "is not a regular file (a pipe, socket or device), so it was not read"))
+
+    walk(raw_dir)
+    return sorted(found, key=lambda item: os.fsencode(item[0].relative_to(raw_dir).as_posix()))
 
 
 def run(params: Params) -> StageResult:
@@ -718,20 +1068,29 @@ def run(params: Params) -> StageResult:
     if not raw_dir.is_dir():
         raise StageError(f"raw data folder '{raw_rel}' does not exist; create it and put JSONL, JSON, CSV or "
                          "Parquet files in it (paths.raw_dir in params.yaml)")
+    claim_output(params, "raw_examples")  # before any work: the folder is the stage's own, and writable
     examples_path, quarantine_path = out / "examples.jsonl", out / "quarantine.jsonl"
     reports: list[FileReport] = []
-    with atomic_dir(out) as tmp:
+    skipped = 0
+    with atomic_dir(out, "raw_examples") as tmp:
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as ex, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qu:
-            sink = _Sink(ex, qu)
-            for path in raw_files(raw_dir):
+            sink = _Sink(ex, qu, params.clean.redact_pii)
+            for path, problem in raw_files(raw_dir, params.root, params.data.follow_links):
                 source = _relative(path, params.root)
-                if any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
-                    reports.append(FileReport(source, messages=[f"{source}: hidden file, skipped"]))
+                if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
+                    problem = "hidden file, skipped"
+                if problem is not None:
+                    skipped += 1
+                    reports.append(FileReport(source, messages=[f"{source}: {problem}"]))
                     continue
-                reports.append(_ingest_file(path, source, params, sink))
+                report = _ingest_file(path, source, params, sink)
+                if "\\x" in source and _undecodable_name(path):
+                    report.messages.append(f"{source}: the file name is not valid UTF-8, so it is recorded with the "
+                                           "undecodable bytes escaped; rename the file to a UTF-8 name")
+                reports.append(report)
             sink.flush()
-        summary = _summary(reports, params)
+        summary = {**_summary(reports, params), "files_skipped": skipped}
         failure = _failure(summary, raw_rel, _relative(quarantine_path, params.root), params)
         if failure:
             (tmp / "examples.jsonl").unlink()  # downstream stages must not consume a failed ingest
@@ -756,6 +1115,7 @@ def _summary(reports: list[FileReport], params: Params) -> dict[str, Any]:
         "files": len(reports),
         "formats": dict(sum((r.formats for r in reports), Counter())),
         "rules": dict(rules),
+        "changes": dict(sum((r.changes for r in reports), Counter())),
         "messages": [m for r in reports for m in r.messages],
         "per_file": [r.as_dict() for r in reports],
     }
@@ -763,7 +1123,13 @@ def _summary(reports: list[FileReport], params: Params) -> dict[str, Any]:
 
 def _failure(summary: dict[str, Any], raw_rel: str, quarantine_rel: str, params: Params) -> str | None:
     if summary["rows_out"] == 0:
-        why = "; ".join(summary["messages"][:3]) or "no data files"
+        if summary["messages"]:
+            why = "; ".join(summary["messages"][:3])
+        elif summary["rows_in"]:  # every row quarantined, no whole-file note: name the most common reasons
+            rules = Counter(summary["rules"]).most_common(3)
+            why = "every row was quarantined (" + ", ".join(f"{rule}: {n}" for rule, n in rules) + ")"
+        else:
+            why = "no data files"
         return (f"no trainable rows in '{raw_rel}' ({summary['rows_in']} rows read, {summary['quarantined']} "
                 f"quarantined, see '{quarantine_rel}'): {why}; add JSONL, JSON, CSV or Parquet files of SFT examples")
     if summary["bad_fraction"] > params.data.max_bad_fraction:

@@ -28,6 +28,7 @@ import numpy as np
 HIGHER_IS_BETTER = {"exact_match": True, "rouge_l": True, "json_valid": True, "field_accuracy": True,
                     "loss": False, "perplexity": False}
 METRICS = tuple(HIGHER_IS_BETTER)
+UNIT_INTERVAL_METRICS = ("exact_match", "rouge_l", "json_valid", "field_accuracy")  # shares in [0, 1]
 JSON_METRICS = ("json_valid", "field_accuracy")
 FLOAT_SLACK = 1e-9  # 0.25 - 0.2 is 0.0499999...: a delta equal to the bound in decimal passes
 BOOTSTRAP_SEED = 0  # fixed: the same inputs give the same intervals on every run

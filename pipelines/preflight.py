@@ -11,6 +11,8 @@ module tree is built on the meta device, which allocates no memory):
     format.max_length         above the model's context window (max_position_embeddings)
     train.method              qlora needs 4-bit bitsandbytes kernels on this device
     train.lora.target_modules a name that is no module of the model, or a module LoRA cannot adapt
+    train.report_to           the experiment tracker's package is not installed (transformers would fail
+                              when the trainer is built, after the model was loaded)
 
 Each failure is a ConfigError with one sentence naming the key, the value, what is allowed and the fix.
 A missing model folder is not a config error: the stage itself says which stage makes it.
@@ -30,10 +32,12 @@ from pipelines.config import ConfigError, Params
 _STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "fetch-model": ("remote_code",),
     "format": ("remote_code", "max_length"),
-    "train": ("remote_code", "max_length", "method", "target_modules"),
+    "train": ("remote_code", "max_length", "method", "target_modules", "report_to"),
     "evaluate": ("remote_code",),
 }
-_ALL = ("remote_code", "max_length", "method", "target_modules")
+_ALL = ("remote_code", "max_length", "method", "target_modules", "report_to")
+# train.report_to -> the package transformers' integration imports for it
+_TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow")}
 # Config attributes that hold the context window, by model family (Llama/Qwen/Mistral, GPT-2, MPT, ChatGLM).
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -45,6 +49,8 @@ def preflight(params: Params, stage: str | None = None) -> None:
     checks = _STAGE_CHECKS[stage] if stage else _ALL
     if "method" in checks:
         _check_method(params)
+    if "report_to" in checks:
+        _check_report_to(params)
     folder = params.path("base_model")
     if not (folder / "config.json").is_file():
         return
@@ -77,6 +83,15 @@ def _check_method(params: Params) -> None:
     if reason:
         raise ConfigError(f"train.method = 'qlora' needs 4-bit bitsandbytes kernels, which do not run on {device} "
                           f"here ({reason}); use train.method: lora (or dora)")
+
+
+def _check_report_to(params: Params) -> None:
+    import importlib.util
+
+    tracker = params.train.report_to
+    if tracker in _TRACKERS and importlib.util.find_spec(_TRACKERS[tracker][0]) is None:
+        raise ConfigError(f"train.report_to = '{tracker}' needs the Python package '{_TRACKERS[tracker][0]}', which "
+                          f"is not installed; {_TRACKERS[tracker][1]}, or set train.report_to: none")
 
 
 def _check_remote_code(params: Params, folder: Path, config: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, require, sha256_tree, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_json, require, sha256_tree, write_json
 from pipelines.metrics import gate
 
 MANIFEST = "PROMOTED.json"
@@ -40,6 +40,7 @@ def promotion_record(metrics: dict[str, Any], reasons: list[str], adapter_sha256
 
 
 def run(params: Params) -> StageResult:
+    out = claim_output(params, "promoted")  # before any work: the folder is the stage's own, and writable
     metrics_path = require(params.path("metrics"), "evaluate")
     adapter_dir = require(params.path("adapter"), "train")
     try:
@@ -58,8 +59,7 @@ def run(params: Params) -> StageResult:
                          + " ".join(failed or reasons)
                          + " Improve the adapter (data, training) or, deliberately, the bounds in params.yaml "
                          "evaluate.")
-    out = params.path("promoted")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "promoted") as tmp:
         shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         write_json(tmp / MANIFEST, promotion_record(metrics, reasons, adapter_sha))
     primary = params.evaluate.primary_metric

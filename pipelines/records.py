@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
-from pipelines.io import StageResult, atomic_open
+from pipelines.io import RUN_RECORD, StageResult, atomic_open
 from pipelines.stages import Stage
 from pipelines.versions import current_version
 
 log = logging.getLogger(__name__)
 
-RECORD = ".run.json"
+RECORD = RUN_RECORD
 DOORS = ("cli", "dagster")
 
 

@@ -14,9 +14,11 @@ Absent means 1. Only assistant messages carry it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import pandera.errors as pa_errors
 import pandera.pandas as pa
 from pandera.typing import Series
 
@@ -83,6 +85,46 @@ class SplitSchema(FormattedSchema):
     """One split file (train, validation or test)."""
 
     group: Series[str] = pa.Field(description="Near-duplicate group; a group lives in exactly one split.")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failure case of a pandera check, in the words the project shows it (errors and check evidence)."""
+
+    column: str  # the column, or '' for a check on whole rows
+    check: str  # the check's name or error text
+    row: int | None  # 1-based row of the validated rows (+ offset), None when pandera names none
+    value: str  # the failing value, cut to 80 characters
+
+    def describe(self) -> str:
+        where = f"at line {self.row}: " if self.row is not None else ""
+        what = f"column '{self.column}' fails {self.check}" if self.column else f"fails the check '{self.check}'"
+        return where + what
+
+
+def failures(exc: pa_errors.SchemaErrors | pa_errors.SchemaError, offset: int = 0) -> list[Failure]:
+    """Every failure case of a (lazy or eager) pandera validation error, column checks first; `offset` is added to
+    row numbers (the rows before the validated chunk)."""
+    cases = getattr(exc, "failure_cases", None)
+    if cases is None or not len(cases):
+        return [Failure("", str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__,
+                        None, "")]
+    out = []
+    for case in cases.to_dict("records"):
+        column = case.get("column") if case.get("schema_context") == "Column" else None
+        index = case.get("index")
+        row = offset + int(index) + 1 if isinstance(index, (int, float)) and index == index else None
+        out.append(Failure(str(column) if column else "", str(case.get("check")), row,
+                           str(case.get("failure_case"))[:80]))
+    return sorted(out, key=lambda f: not f.column)  # stable: column failures first, in pandera's order
+
+
+def describe_failures(exc: pa_errors.SchemaErrors | pa_errors.SchemaError, what: str, fix: str,
+                      offset: int = 0) -> str:
+    """One sentence for a broken data contract: '<what> breaks the row contract (N failure(s)) at line L: column
+    'c' fails check; <fix>' — the one way every stage and check words a pandera failure."""
+    found = failures(exc, offset)
+    return f"{what} breaks the row contract ({len(found)} failure(s)) {found[0].describe()}; {fix}"
 
 
 def frame(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:

@@ -8,8 +8,11 @@ Reads `formatted/dataset.jsonl` and writes `splits/{train,validation,test}.jsonl
 How rows are assigned, so that the same data and seed always give the same split, whatever the order
 of the input rows:
 1. Rows are grouped: identical conversation texts (pipelines.dedup.exact_key) share a group, and so do
-   near duplicates (pipelines.dedup.cluster at split.group_threshold, connected components). The
-   distinct texts are clustered in exact_key order, so grouping does not see the input order either.
+   near duplicates (pipelines.dedup.similar_pairs at split.group_threshold, connected components), which
+   veto pairs whose own content is dissimilar once the template text both share is set aside
+   (clean.boilerplate_share, clean.own_similarity_ratio): rows that only share a system prompt or an
+   instruction template are not grouped. The distinct texts are clustered in exact_key order, so
+   grouping does not see the input order either.
 2. A group's key is the smallest exact_key of its members, a content hash.
 3. Groups are ordered by sha256(seed, group key) - a seeded shuffle that is a pure function of content -
    and cut at the cumulative split ratios by row count (a group goes where its middle row falls), within
@@ -17,8 +20,10 @@ of the input rows:
 4. Rows are written sorted by id, so even the files are byte-identical for shuffled input.
 
 The leakage check (also the blocking Dagster asset check) counts exact duplicates and near duplicates
-(Jaccard >= clean.near_dup_threshold) that sit in different splits; it is zero by construction as long
-as split.group_threshold <= clean.near_dup_threshold, and the stage fails if it is not.
+(pipelines.dedup.similar_pairs at clean.near_dup_threshold, as the grouping) that sit in different splits; it
+is zero by construction as long as split.group_threshold <= clean.near_dup_threshold, and the stage fails
+if it is not. When a split gets no row, the error names the cause: too few rows for its ratio, or
+groups too large to cut at that ratio (with the largest group's size).
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ import pandera.errors
 from tqdm.auto import tqdm
 
 from pipelines.config import Params, SplitConfig
-from pipelines.dedup import cluster, conversation_text, exact_digest, exact_key, near_duplicate_pairs
-from pipelines.io import StageError, StageResult, atomic_dir, chunked, require, write_json, write_jsonl
-from pipelines.schemas import SplitSchema, validate
+from pipelines.dedup import components, conversation_lines, conversation_text, exact_key, similar_pairs
+from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json, write_jsonl
+from pipelines.schemas import SplitSchema, describe_failures, validate
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +73,19 @@ def stratum_of(row: dict[str, Any], dotted: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def group_keys(texts: Sequence[str], threshold: float, num_perm: int = 128, shingle_size: int = 3) -> list[str]:
-    """The group key of each text: the smallest exact_key among its exact and near duplicates."""
-    keys = [exact_key(t) for t in texts]
+def group_keys(keys: Sequence[str], lines: Sequence[str], threshold: float, num_perm: int = 128,
+               shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> list[str]:
+    """The group key of each row: the smallest exact_key among its exact and near duplicates.
+
+    keys: exact_key(conversation_text(row)) per row; lines: conversation_lines(row) per row."""
     distinct = sorted(set(keys))  # canonical order: grouping must not depend on the input order
-    text_of = dict(zip(keys, texts, strict=True))
-    labels = cluster([text_of[k] for k in distinct], threshold, num_perm=num_perm, shingle_size=shingle_size)
+    lines_of: dict[str, str] = {}
+    for key, form in zip(keys, lines, strict=True):  # copies may differ in line breaks: the smallest form, always
+        if key not in lines_of or form < lines_of[key]:
+            lines_of[key] = form
+    pairs = similar_pairs([lines_of[k] for k in distinct], threshold, num_perm, shingle_size, boilerplate_share,
+                          own_ratio)
+    labels = components(len(distinct), pairs)
     # cluster labels a group by its smallest index, which in sorted order is the smallest exact_key.
     group_of = {k: distinct[label] for k, label in zip(distinct, labels, strict=True)}
     return [group_of[k] for k in keys]
@@ -101,10 +113,37 @@ def assign_groups(sizes: dict[str, int], strata: dict[str, str], cfg: SplitConfi
     return assigned
 
 
-def plan(texts: Sequence[str], strata: Sequence[str], cfg: SplitConfig, num_perm: int = 128,
-         shingle_size: int = 3) -> tuple[list[str], list[str]]:
-    """(group, split name) of each row from its conversation text and stratum; a pure function of content."""
-    groups = group_keys(texts, cfg.group_threshold, num_perm, shingle_size)
+def join_families(groups: Sequence[str], families: Sequence[str]) -> list[str]:
+    """Groups joined so that rows of one family (a non-empty `expanded_from`: the rows the format stage made of one
+    conversation for a template that rewrites history) share one group, named by its smallest group key."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g] = parent.get(parent[g], parent[g])
+        return g
+
+    first_of: dict[str, str] = {}
+    for group, family in zip(groups, families, strict=True):
+        if not family:
+            continue
+        if family not in first_of:
+            first_of[family] = group
+            continue
+        a, b = find(first_of[family]), find(group)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [find(g) for g in groups]
+
+
+def plan(keys: Sequence[str], lines: Sequence[str], strata: Sequence[str], cfg: SplitConfig, num_perm: int = 128,
+         shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6,
+         families: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(group, split name) of each row from its exact key, conversation lines and stratum (see group_keys), the
+    rows of one expanded conversation (`families`) kept in one group; a pure function of content."""
+    groups = group_keys(keys, lines, cfg.group_threshold, num_perm, shingle_size, boilerplate_share, own_ratio)
+    if families is not None and any(families):
+        groups = join_families(groups, families)
     sizes = Counter(groups)
     votes: dict[str, Counter[str]] = defaultdict(Counter)
     for group, stratum in zip(groups, strata, strict=True):
@@ -115,11 +154,13 @@ def plan(texts: Sequence[str], strata: Sequence[str], cfg: SplitConfig, num_perm
     return groups, [split_of[g] for g in groups]
 
 
-def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int = 128,
-               shingle_size: int = 3) -> dict[str, list[dict[str, Any]]]:
+def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int = 128, shingle_size: int = 3,
+               boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, list[dict[str, Any]]]:
     """Rows (+ "group") per split, each list sorted by id; a pure function of the rows' content and cfg."""
     strata = [stratum_of(r, cfg.stratify_by) if cfg.stratify_by else "" for r in rows]
-    groups, names = plan([conversation_text(r) for r in rows], strata, cfg, num_perm, shingle_size)
+    keys = [exact_key(conversation_text(r)) for r in rows]
+    groups, names = plan(keys, [conversation_lines(r) for r in rows], strata, cfg, num_perm, shingle_size,
+                         boilerplate_share, own_ratio, [str(r.get("expanded_from") or "") for r in rows])
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     for row, group, name in zip(rows, groups, names, strict=True):
         out[name].append({**row, "group": group})
@@ -129,30 +170,33 @@ def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig, num_perm: int =
 
 
 def leakage(splits: Mapping[str, Iterable[dict[str, Any]]], threshold: float, num_perm: int = 128,
-            shingle_size: int = 3) -> dict[str, Any]:
-    """Exact and near duplicates (Jaccard >= threshold) that sit in different splits, with a few examples.
+            shingle_size: int = 3, boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, Any]:
+    """Exact and near duplicates (similar_pairs at threshold, as the grouping) that sit in
+    different splits, with a few examples.
 
-    Each split's rows are iterated once and only their id and text kept, so they can be streamed from files."""
-    names, ids, texts = [], [], []
+    Each split's rows are iterated once and only their id, key and lines kept, so they can be streamed from
+    files."""
+    names, ids, keys, lines = [], [], [], []
     for name, rows in splits.items():
         for row in rows:
             names.append(name)
             ids.append(row.get("id"))
-            texts.append(conversation_text(row))
-    return leakage_of(names, ids, texts, threshold, num_perm, shingle_size)
+            keys.append(exact_key(conversation_text(row)))
+            lines.append(conversation_lines(row))
+    return leakage_of(names, ids, keys, lines, threshold, num_perm, shingle_size, boilerplate_share, own_ratio)
 
 
-def leakage_of(names: Sequence[str], ids: Sequence[Any], texts: Sequence[str], threshold: float,
-               num_perm: int = 128, shingle_size: int = 3) -> dict[str, Any]:
-    """leakage() over parallel lists: the split name, id and conversation text of each row."""
-    keys = [exact_digest(t) for t in texts]
-    splits_of_key: dict[bytes, set[str]] = defaultdict(set)
+def leakage_of(names: Sequence[str], ids: Sequence[Any], keys: Sequence[str], lines: Sequence[str],
+               threshold: float, num_perm: int = 128, shingle_size: int = 3,
+               boilerplate_share: float = 0.1, own_ratio: float = 0.6) -> dict[str, Any]:
+    """leakage() over parallel lists: the split name, id, exact_key and conversation_lines of each row."""
+    splits_of_key: dict[str, set[str]] = defaultdict(set)
     for key, name in zip(keys, names, strict=True):
         splits_of_key[key].add(name)
     exact = sum(len(s) > 1 for s in splits_of_key.values())
     near = 0
     examples: list[dict[str, Any]] = []
-    for i, j, jaccard in near_duplicate_pairs(texts, threshold, num_perm=num_perm, shingle_size=shingle_size):
+    for i, j, jaccard in similar_pairs(lines, threshold, num_perm, shingle_size, boilerplate_share, own_ratio):
         if names[i] == names[j]:
             continue
         if keys[i] != keys[j]:  # identical texts are already counted as exact duplicates
@@ -164,26 +208,41 @@ def leakage_of(names: Sequence[str], ids: Sequence[Any], texts: Sequence[str], t
             "threshold": threshold, "examples": examples, "passed": exact == 0 and near == 0}
 
 
+def empty_split_reason(name: str, groups: Sequence[str], strata: Sequence[str], cfg: SplitConfig) -> str:
+    """One sentence on why split `name` got no row: too few rows for its ratio, or groups too large."""
+    ratio, n = getattr(cfg, name), len(groups)
+    sizes = Counter(groups)
+    largest = max(sizes.values())
+    where = ""
+    if cfg.stratify_by and len(set(strata)) > 1:
+        by_stratum = Counter(strata)
+        stratum, rows = min(by_stratum.items(), key=lambda kv: (kv[1], kv[0]))
+        where = f" (split.stratify_by = '{cfg.stratify_by}': the smallest stratum, {stratum!r}, has {rows} rows)"
+        n = rows
+    if ratio * n < 1:
+        return (f"split '{name}' is empty: split.{name} = {ratio:g} of {n} rows is {ratio * n:.2g} rows{where}, less "
+                f"than one; add data or raise split.{name} in params.yaml")
+    return (f"split '{name}' is empty: the {len(groups)} rows form {len(sizes)} groups of near duplicates (rows at "
+            f"least split.group_threshold = {cfg.group_threshold:g} similar) and the largest holds {largest} rows"
+            f"{where}; a group never spans two splits, so no group fell into the {ratio:.0%} for '{name}'; raise "
+            "split.group_threshold (up to clean.near_dup_threshold), add more varied data or change the ratios")
+
+
 def _validated(name: str, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The rows of one split, checked against SplitSchema VALIDATE_ROWS at a time (memory stays flat)."""
-    previous = None
+    previous, seen = None, 0
     for chunk in chunked(rows, VALIDATE_ROWS):
-        failure: tuple[int, str, str] | None = None
+        what, fix = f"split '{name}'", "re-run the format stage"
         try:
             validate(SplitSchema, chunk)
         except pandera.errors.SchemaErrors as exc:
-            first = exc.failure_cases.iloc[0]
-            failure = (len(exc.failure_cases), first["column"], first["check"])
+            raise StageError(describe_failures(exc, what, fix, offset=seen)) from None
         ids = [str(r.get("id")) for r in chunk]  # sorted: a repeated id sits next to itself, across chunks too
-        repeats = sum(a == b for a, b in zip([previous, *ids], ids, strict=False))
-        if failure is None and repeats:
-            failure = (repeats, "id", "field_uniqueness")
-        if failure:
-            raise StageError(
-                f"split '{name}' breaks the data contract ({failure[0]} failure(s), first: column "
-                f"{failure[1]!r}, check {failure[2]!r}); re-run the format stage"
-            )
-        previous = ids[-1]
+        repeats = [i for i, (a, b) in enumerate(zip([previous, *ids], ids, strict=False)) if a == b]
+        if repeats:
+            raise StageError(f"{what} breaks the row contract ({len(repeats)} failure(s)) at line "
+                             f"{seen + repeats[0] + 1}: column 'id' fails field_uniqueness; {fix}")
+        previous, seen = ids[-1], seen + len(chunk)
         yield from chunk
 
 
@@ -218,8 +277,10 @@ class _Scan:
 
     offsets: array = field(default_factory=lambda: array("q"))  # byte offset of the row's line in the file
     ids: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)  # conversation_text, for grouping and the leakage check
+    keys: list[str] = field(default_factory=list)  # exact_key(conversation_text): identity and group names
+    lines: list[str] = field(default_factory=list)  # conversation_lines, for grouping and the leakage check
     strata: list[str] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)  # expanded_from ('' for none): one conversation, one group
     has_field: bool = False  # any row has split.stratify_by
 
 
@@ -232,7 +293,9 @@ def _scan(source: Path, stratify_by: str | None) -> _Scan:
                 row = json.loads(line)
                 scan.offsets.append(offset)
                 scan.ids.append(str(row.get("id")))
-                scan.texts.append(conversation_text(row))
+                scan.keys.append(exact_key(conversation_text(row)))
+                scan.lines.append(conversation_lines(row))
+                scan.families.append(str(row.get("expanded_from") or ""))
                 label = ""
                 if stratify_by:
                     scan.has_field |= field_value(row, stratify_by) is not None
@@ -250,6 +313,7 @@ def run(params: Params) -> StageResult:
     by offset, validates them in chunks and writes them.
     """
     cfg = params.split
+    out_dir = claim_output(params, "splits")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("formatted") / "dataset.jsonl", "format")
     scan = _scan(source, cfg.stratify_by)
     n = len(scan.ids)
@@ -258,14 +322,15 @@ def run(params: Params) -> StageResult:
     if cfg.stratify_by and not scan.has_field:
         raise StageError(f"split.stratify_by = '{cfg.stratify_by}' is not a field of any row in '{source}'; "
                          "use a dotted field such as 'meta.category', or null")
-    groups, names = plan(scan.texts, scan.strata, cfg, params.clean.num_perm, params.clean.shingle_size)
+    clean = params.clean
+    groups, names = plan(scan.keys, scan.lines, scan.strata, cfg, clean.num_perm, clean.shingle_size,
+                         clean.boilerplate_share, clean.own_similarity_ratio, scan.families)
     counts = Counter(names)
     for name in SPLITS:
         if not counts[name] and getattr(cfg, name) > 0:
-            raise StageError(f"split '{name}' is empty: {n} rows are too few for split.{name} = "
-                             f"{getattr(cfg, name)}; add data or change the split ratios in params.yaml")
-    leak = leakage_of(names, scan.ids, scan.texts, params.clean.near_dup_threshold, params.clean.num_perm,
-                      params.clean.shingle_size)
+            raise StageError(empty_split_reason(name, groups, scan.strata, cfg))
+    leak = leakage_of(names, scan.ids, scan.keys, scan.lines, clean.near_dup_threshold, clean.num_perm,
+                      clean.shingle_size, clean.boilerplate_share, clean.own_similarity_ratio)
     if not leak["passed"]:
         raise StageError(
             f"splits leak: {leak['exact_duplicates_across_splits']} exact and "
@@ -274,9 +339,8 @@ def run(params: Params) -> StageResult:
             f"({params.clean.near_dup_threshold})"
         )
     report = _report(names, groups, scan.strata, cfg, leak)
-    scan.texts.clear()
-    out_dir = params.path("splits")
-    with atomic_dir(out_dir) as tmp, open(source, "rb") as fh:
+    scan.lines.clear()
+    with atomic_dir(out_dir, "splits") as tmp, open(source, "rb") as fh:
 
         def rows(order: list[int]) -> Iterator[dict[str, Any]]:
             for i in order:

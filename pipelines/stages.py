@@ -95,7 +95,8 @@ STAGES: tuple[Stage, ...] = (
         help="read data/raw/ and normalise every row to one conversation schema",
         description="Every raw row normalised to one conversation schema (messages ending with an assistant "
         "turn); malformed rows go to quarantine.jsonl with file, line and reason.",
-        params=("data",), inputs=("raw_dir",), outputs=("raw_examples",), code=(_SCHEMAS,),
+        params=("data", "clean.redact_pii"), inputs=("raw_dir",), outputs=("raw_examples",),
+        code=("pipelines.pii", _SCHEMAS),
         kinds=("python", "pandas"), versioned=(("raw_examples", "examples.jsonl"),),
     ),
     Stage(
@@ -121,7 +122,8 @@ STAGES: tuple[Stage, ...] = (
         help="deterministic train/validation/test split without leakage",
         description="Deterministic train / validation / test split; near-duplicate groups stay within one split "
         "so nothing leaks from training into evaluation.",
-        params=("split", "clean.num_perm", "clean.shingle_size", "clean.near_dup_threshold"),
+        params=("split", "clean.num_perm", "clean.shingle_size", "clean.near_dup_threshold", "clean.boilerplate_share",
+                "clean.own_similarity_ratio"),
         inputs=("formatted",), outputs=("splits",), code=("pipelines.dedup", _SCHEMAS), kinds=("python", "pandas"),
         versioned=tuple(("splits", f"{name}.jsonl") for name in ("train", "validation", "test")),
     ),
@@ -146,6 +148,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
         code=("pipelines.metrics", "pipelines.report", "pipelines.chat"), files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
+        uses_trainer=True,
         plots={"loss_curves": {"template": "linear", "x": "step", "y": {
             "${paths.evaluation}/train_loss.csv": "train_loss", "${paths.evaluation}/eval_loss.csv": "eval_loss"}}},
     ),

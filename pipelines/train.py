@@ -17,6 +17,11 @@ turn marked `"weight": 0`; special-token text inside a message is encoded as pla
 pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-renders, re-masks, nor adds or
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
 and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
+
+Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params and code;
+a rerun resumes from the last complete checkpoint there whose files load (a corrupt one is named, deleted and
+passed over), and refuses one whose stored hash differs. One training at a time holds the checkpoint folder's lock.
+See pipelines.checkpoints.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pipelines import chat, checkpoints, cpu_speedups, fence, launcher, train_en
 from pipelines.base_model import source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_json, read_jsonl, require, write_json
 from pipelines.preflight import preflight
 from pipelines.runcard import library_versions, render_run_card
 from pipelines.train_env import TrainEnv
@@ -345,7 +350,8 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     run_dir = params.path("checkpoints") / fingerprint["run_hash"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resume = checkpoints.resume_point(run_dir, fingerprint)
+    # a corrupt checkpoint is named, deleted and passed over (pipelines.checkpoints)
+    resume = checkpoints.resume_point(run_dir, fingerprint, remove_corrupt=is_main)
     if is_main:
         checkpoints.drop_incomplete(run_dir)
 
@@ -353,7 +359,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     trainer = build_trainer(model, tokenizer, to_dataset(train_split, is_eval=False),
                             to_dataset(val_split, is_eval=True), cfg, env, run_dir,
                             callbacks=checkpoints.callbacks(fingerprint, on_log))
-    train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     final_eval = trainer.evaluate() if len(val_split.examples) else {}
     collator: CountingCollator = trainer.data_collator
     # Token counts of every rank (a sum-reduce is the identity in one process).
@@ -376,7 +382,8 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": round(float(state.epoch or 0), 3),
-        "resumed_from_step": checkpoints.step_of(resume) if resume else None,
+        "resumed_from_step": resume.step,
+        "corrupt_checkpoints": resume.corrupt,  # one sentence per checkpoint that did not load and was deleted
         "early_stopped": bool(early and early.early_stopping_patience_counter >= early.early_stopping_patience),
         "final_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
         "mean_train_loss": float(train_result.training_loss),
@@ -414,7 +421,7 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "metrics": without_timings(metrics),
     }
     out = params.path("adapter")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
@@ -435,13 +442,18 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
 def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None) -> StageResult:
     """Train the adapter; `on_log` receives each trainer log dict (step, loss, learning_rate, eval_loss, ...)."""
     preflight(params, "train")  # bad target modules / max_length: one sentence before any model is loaded
+    claim_output(params, "adapter")  # a folder the stage did not write, or cannot replace: before training
     env = env or TrainEnv.auto()
     on_log = on_log or launcher.child_log()
-    if env.launcher == "accelerate" and env.num_processes > 1 and not launcher.inside_launcher():
-        launcher.launch_accelerate(params, env, on_log, stage="train")
-        out = params.path("adapter")
-        full = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"] / FULL_METRICS
-        return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png"},
-                           {**read_json(full if full.is_file() else out / "train_metrics.json"),
-                            "loss_curve": loss_curve(read_json(out / "train_log.json"))})
-    return train_in_process(params, env, on_log)
+    inside = launcher.inside_launcher()
+    # One training per checkpoint folder (pipelines.checkpoints): the ranks of a launch hold the lock shared.
+    with checkpoints.training_lock(params.path("checkpoints"), shared=inside) as lock:
+        if env.launcher == "accelerate" and env.num_processes > 1 and not inside:
+            lock.share()  # the ranks take it too, and keep it should this launcher be killed
+            launcher.launch_accelerate(params, env, on_log, stage="train")
+            out = params.path("adapter")
+            full = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"] / FULL_METRICS
+            return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png"},
+                               {**read_json(full if full.is_file() else out / "train_metrics.json"),
+                                "loss_curve": loss_curve(read_json(out / "train_log.json"))})
+        return train_in_process(params, env, on_log)

@@ -28,6 +28,22 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# A long system prompt of varied text (~200 words), shared by every row of a support bot's data: on whole
+# conversations it dominates the word shingles, so rows that share only it look like near duplicates.
+LONG_SYSTEM_PROMPT = (
+    "You are the support assistant of Fjordline Bikes, a bicycle rental shop in Bergen. Answer in one short "
+    "sentence. Be polite and never promise refunds; refunds are handled by the store manager. If the customer "
+    "asks about opening hours, say we are open from 9 to 18 on weekdays and 10 to 16 on Saturdays. If the "
+    "customer asks about prices, tell them that city bikes cost 200 NOK per day and e-bikes cost 450 NOK per day. "
+    "Always end with a friendly tone and do not use emojis or markdown. When a customer reports a flat tyre or a "
+    "broken chain during a rental, tell them to call the workshop line, which is staffed from 8 to 20 every day, "
+    "and explain that a mechanic can meet them anywhere inside the city centre within about forty minutes. Group "
+    "bookings of more than eight bikes need a written request at least three days ahead, and school classes get "
+    "a discount of twenty percent on weekdays. Children under twelve must always wear a helmet and ride with an "
+    "adult. Guided tours leave from the fish market at ten and at two, last about three hours, include a coffee "
+    "stop, and must be booked the day before."
+)
+
 _CORPUS = [
     "My card was charged twice for the same order, please refund.",
     "I cannot log in to my account since the password reset.",
@@ -41,8 +57,10 @@ _CORPUS = [
 ] * 4
 
 
-def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64) -> Path:
-    """Save a random-weight Llama + trained BPE tokenizer with a ChatML template into `folder`."""
+def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64, context: int = 1024) -> Path:
+    """Save a random-weight Llama + trained BPE tokenizer with a ChatML template into `folder`.
+
+    `context` (max_position_embeddings): raise it to format real data, which the 400-token BPE makes ~4x longer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,7 +81,7 @@ def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64) -> Path
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )

@@ -58,7 +58,7 @@ class Stage:
 STAGES = [
     Stage("ingest", "raw_examples", {"examples.jsonl": ConversationSchema, "quarantine.jsonl": None},
           {"data": {"system_prompt": "You answer briefly."}}),
-    Stage("clean", "cleaned", {"examples.jsonl": ConversationSchema, "quarantine.jsonl": None},
+    Stage("clean", "cleaned", {"examples.jsonl": ConversationSchema, "quarantine.jsonl": None, "changes.jsonl": None},
           {"clean": {"exact_dedup": False, "near_dedup": False}}),
     Stage("format", "formatted", {"dataset.jsonl": FormattedSchema, "quarantine.jsonl": None},
           {"format": {"output": "prompt_completion"}}),
@@ -182,8 +182,10 @@ def fingerprint(out: Path) -> dict[str, str]:
 
 
 def check_complete(stage: Stage, out: Path) -> None:
-    """The folder is one whole, valid stage output: its files, rows that parse and pass the schema, true counts."""
-    assert sorted(p.name for p in out.iterdir() if p.name != RECORD) == sorted([*stage.files, "report.json"])
+    """The folder is one whole, valid stage output: its files (and the ownership marker), rows that parse and pass the
+    schema, true counts."""
+    assert sorted(p.name for p in out.iterdir() if p.name != RECORD) == sorted([*stage.files, "report.json",
+                                                                               io.MARKER])
     report = json.loads((out / "report.json").read_text())
     lines: dict[str, int] = {}
     for name, schema in stage.files.items():
@@ -191,7 +193,7 @@ def check_complete(stage: Stage, out: Path) -> None:
         lines[name] = len(rows)
         if schema is not None:
             validate(schema, rows)
-        else:
+        elif name == "quarantine.jsonl":
             assert all({"rule", "reason"} <= row.keys() for row in rows)
     if stage.name == "split":
         assert report["counts"] == {name.removesuffix(".jsonl"): n for name, n in lines.items()}
@@ -247,9 +249,9 @@ def run_in_process(stage: Stage, params_file: Path) -> float:
     spans: list[float] = []
 
     @contextlib.contextmanager
-    def timed(path):
+    def timed(path, owner):
         started = time.perf_counter()
-        with real(path) as tmp:
+        with real(path, owner) as tmp:
             yield tmp
         spans.append(time.perf_counter() - started)
 
@@ -371,7 +373,7 @@ def _write_version(out: Path, version: str, die_at: str | None, exchange: bool =
         return real_rmtree(p, *a, **k)
 
     io._exchange, os.replace, shutil.rmtree = exchange_, replace_, rmtree_
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, "cleaned") as tmp:
         (tmp / "version.txt").write_text(version)
         (tmp / "rows.jsonl").write_text("".join(f'{{"v": "{version}", "i": {i}}}\n' for i in range(1000)))
         if die_at == "while_writing":
@@ -414,6 +416,6 @@ def test_a_live_writers_temporary_is_not_swept(tmp_path):
     dead = tmp_path / ".cleaned.999999999.abc.tmp"  # no such pid
     live.mkdir()
     dead.mkdir()
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, "cleaned") as tmp:
         (tmp / "x").write_text("1")
     assert live.is_dir() and not dead.exists()

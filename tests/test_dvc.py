@@ -107,3 +107,30 @@ def test_changing_a_clean_param_reruns_only_downstream(project):
     # clean reads the threshold; split reads it too (leakage check). Nothing upstream re-runs.
     assert {"clean"} <= ran_stages(out) <= {"clean", "format", "split"}, out
     assert not ran_stages(out) & {"fetch_model", "ingest"}
+
+
+@pytest.mark.parametrize("cache_type", ["copy", "symlink"])
+def test_checkout_restores_outputs_that_their_stage_may_replace(project, cache_type):
+    """The ownership marker is a file of the output, so DVC caches it and `dvc checkout` (or `dvc pull`, or a
+    `git checkout` of another revision) restores it; the stage then replaces the restored folder as its own, with
+    DVC's files copied or linked into the cache."""
+    from pipelines.io import MARKER
+
+    root, env = project
+    dvc = dvc_executable()
+    run([dvc, "config", "--local", "cache.type", cache_type], root, env)
+    try:
+        run([dvc, "repro", "split"], root, env)
+        cleaned = root / "data" / "cleaned"
+        marker = (cleaned / MARKER).read_bytes()
+        shutil.rmtree(cleaned)
+        run([dvc, "checkout", "--relink", "clean"], root, env)
+        assert (cleaned / MARKER).read_bytes() == marker
+        assert (cleaned / "examples.jsonl").is_symlink() is (cache_type == "symlink")
+        assert "up to date" in run([dvc, "status", "clean"], root, env)
+        out = run([sys.executable, "-m", "pipelines", "clean"], root, env)  # replaces the restored folder
+        assert out.startswith("clean: ") and not (cleaned / "examples.jsonl").is_symlink()
+        assert "up to date" in run([dvc, "status", "clean"], root, env)  # same bytes, marker included
+    finally:
+        run([dvc, "config", "--local", "--unset", "cache.type"], root, env)
+

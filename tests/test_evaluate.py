@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.chat import tokenize_conversation, tokenize_prompt
-from pipelines.config import EvaluateConfig, load_params
+from pipelines.config import ConfigError, EvaluateConfig, load_params
 from pipelines.evaluate import (
     Models,
     completion_nll,
@@ -54,8 +54,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)  # before get_peft_model: its lora_A init draws from the global RNG, which earlier tests move
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -243,6 +243,7 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
         assert ci["low"] <= metrics[model]["rouge_l"] <= ci["high"]
     assert set(metrics["per_field"]) == {"category", "priority"}
     assert isinstance(metrics["gate"]["passed"], bool) and len(metrics["gate"]["reasons"]) == 3
+    assert metrics["evaluated_on"] == {"device": "cpu", "precision": "fp32", "four_bit_base": False}
 
     html = (out / "report.html").read_text()
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html)  # nothing fetched from anywhere
@@ -264,10 +265,10 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
     json.dumps(result.metrics)  # Dagster metadata must be JSON-able
 
 
-def test_run_rejects_unknown_primary_metric(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
-    params = load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
-    with pytest.raises(StageError, match="evaluate.primary_metric = 'bleu'"):
-        run(params)
+def test_unknown_primary_metric_is_refused_at_load(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
+    # params.yaml is refused when loaded (check-params, the first stage of a run), not after training
+    with pytest.raises(ConfigError, match=r"'evaluate.primary_metric' = 'bleu' .* use one of: exact_match, rouge_l"):
+        load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, primary_metric="bleu"))
 
 
 def test_run_names_the_missing_test_split(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer):
@@ -324,3 +325,31 @@ def test_report_escapes_model_output_and_says_when_curves_are_missing():
     row = next(line for line in md.splitlines() if "alert(1)" in line)
     assert len(re.findall(r"(?<!\\)\|", row)) == len(report.EXAMPLE_HEADER) + 1  # no cell split by a '|'
     assert "<script>" not in md and report.NO_LOSS_CURVE in md
+
+
+def test_evaluation_follows_the_trainer_environment(tmp_path, tiny_model_dir, monkeypatch):
+    """The evaluate stage takes the trainer resource's device and precision (a GPU in bf16/fp16, the CPU in fp32);
+    the Dagster asset hands it the resource's environment as the train asset does."""
+    import dagster as dg
+
+    from assets.evaluation import evaluation_report
+    from pipelines import evaluate
+    from pipelines.train_env import TrainEnv
+    from resources.project import ProjectResource
+    from resources.trainer import TrainerResource
+    from tests.conftest import tiny_overrides, write_project
+
+    gpu = TrainEnv(device="cuda", precision="bf16", num_threads=1, load_in_4bit=False, launcher="in_process",
+                   num_processes=1, gradient_checkpointing=False, accelerate_config=None)
+    assert evaluate.evaluation_precision(gpu) == "bf16"
+    assert evaluate.evaluation_precision(TrainEnv.resolve(device="cpu")) == "fp32"
+    assert evaluate.evaluation_precision(None) == "fp32"
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run", lambda params, env=None: seen.append(env) or (_ for _ in ()).throw(
+        evaluate.StageError("stop here")))
+    params_file = write_project(tmp_path, tiny_overrides(tiny_model_dir))
+    result = dg.materialize([evaluation_report], raise_on_error=False, resources={
+        "project": ProjectResource(params_file=str(params_file)), "trainer": TrainerResource(device="cpu",
+                                                                                             num_threads=1)})
+    assert not result.success and seen == [TrainEnv.resolve(device="cpu", num_threads=1)]

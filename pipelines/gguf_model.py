@@ -34,7 +34,7 @@ from typing import Any
 from pipelines import llama_cpp
 from pipelines.config import Params
 from pipelines.evaluate import _load_causal_lm, build_examples, generate_ids, stop_token_ids
-from pipelines.io import StageError, StageResult, atomic_dir, require, write_json
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, require, write_json
 from pipelines.merged_model import check_rows
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ def find_llama_cpp() -> llama_cpp.LlamaCpp:
 def run(params: Params) -> StageResult:
     cfg = params.export
     merged_dir = require(params.path("merged"), "merge")
+    out = claim_output(params, "gguf")  # before any work: the folder is the stage's own, and writable
     llama = find_llama_cpp()
     if cfg.push_to_hub:
         from pipelines.hub import preflight_push
@@ -237,9 +238,8 @@ def run(params: Params) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=params.model.trust_remote_code)
     rows = check_rows(params)
     started = time.perf_counter()
-    out = params.path("gguf")
     seconds: dict[str, float] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "gguf") as tmp:
         tmp.chmod(0o755)
         t = time.perf_counter()
         float_file = convert(llama, merged_dir, tmp / f"model-{cfg.float_type}.gguf", cfg.float_type)

@@ -35,7 +35,16 @@ from pipelines.evaluate import (
     load_models,
     stop_token_ids,
 )
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, require, sha256_tree, write_json
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    require,
+    sha256_tree,
+    write_json,
+)
 from pipelines.promote import MANIFEST as PROMOTED_MANIFEST
 from pipelines.runcard import library_versions
 
@@ -177,6 +186,7 @@ def run(params: Params) -> StageResult:
         raise StageError(f"there is no promoted adapter in '{adapter_dir}' to merge; run the 'promote' stage first "
                          "(python -m pipelines promote), which copies the adapter there only if it passed the gate")
     base_dir = require(params.path("base_model"), "fetch-model")
+    out = claim_output(params, "merged")  # before any work: the folder is the stage's own, and writable
     trust = params.model.trust_remote_code
     started = time.perf_counter()
     model, tokenizer = merge(base_dir, adapter_dir, trust_remote_code=trust)
@@ -184,8 +194,7 @@ def run(params: Params) -> StageResult:
     stops = stop_token_ids(model, tokenizer)
     promoted = read_json(adapter_dir / PROMOTED_MANIFEST) if (adapter_dir / PROMOTED_MANIFEST).exists() else {}
     base_source = read_json(base_dir / "source.json") if (base_dir / "source.json").exists() else {}
-    out = params.path("merged")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "merged") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         model.generation_config.eos_token_id = stops  # the end-of-turn token and the EOS: every engine stops
         model.save_pretrained(tmp, safe_serialization=True)

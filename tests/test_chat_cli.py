@@ -73,13 +73,15 @@ def test_chat_streams_the_adapters_answer_and_switches_without_reloading(project
         child.sendline("/adapter none")
         child.expect(r"adapter: none \(\d+\.\d s, base model kept in memory\)")
         child.expect("you> ")
-        assert answer(child, QUESTION) == greedy(tiny_model_dir, promoted, messages, "base")
+        base_answer = greedy(tiny_model_dir, promoted, messages, "base")
+        assert answer(child, QUESTION) == base_answer
 
         child.sendline(f"/adapter {project.root / 'other_adapter'}")
         child.expect("adapter: other_adapter")
         child.expect("you> ")
-        other = greedy(tiny_model_dir, project.root / "other_adapter", messages, "fine_tuned")
-        assert answer(child, QUESTION) == other
+        # switching adapters keeps the conversation: the other adapter answers with the base's turn in its prompt
+        history = [*messages, {"role": "assistant", "content": base_answer}, *messages]
+        assert answer(child, QUESTION) == greedy(tiny_model_dir, project.root / "other_adapter", history, "fine_tuned")
         child.sendline("/adapters")
         child.expect("loaded: none, promoted, other_adapter; active: other_adapter")
         child.expect("you> ")

@@ -132,7 +132,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     from pipelines.checkpoints import step_timer
-    from pipelines.train import peft_config
+    from pipelines.methods import peft_config
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -154,7 +154,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
 
     cfg = params.train
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True),
-                           peft_config(cfg))
+                           peft_config(cfg, base))
     args = TrainingArguments(
         output_dir=str(OUT / "classic"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
         learning_rate=cfg.learning_rate, seed=cfg.seed, use_cpu=True, report_to=[], save_strategy="no",

@@ -2,10 +2,10 @@
 
     <paths.checkpoints>/<run hash>/checkpoint-<step>/   written by the Trainer every train.save_steps
 
-The run hash covers the splits, the base model, the train params, format.max_length and the training code, so a
-rerun with the same inputs resumes from the last complete checkpoint, and a checkpoint of another run is never
-resumed (one sentence says what changed). A checkpoint is complete when its fingerprint.json exists: the
-Fingerprint callback writes it last, after the Trainer saved everything else.
+The run hash covers the splits, the base model, the parent adapter (train.init_from), the train params,
+format.max_length and the training code, so a rerun with the same inputs resumes from the last complete checkpoint,
+and a checkpoint of another run is never resumed (one sentence says what changed). A checkpoint is complete when its
+fingerprint.json exists: the Fingerprint callback writes it last, after the Trainer saved everything else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines import methods
 from pipelines.base_model import model_hash
 from pipelines.config import Params
 from pipelines.errors import StageError
@@ -30,8 +31,8 @@ FINGERPRINT = "fingerprint.json"
 
 
 def run_fingerprint(params: Params, stage: str = "train") -> dict[str, Any]:
-    """What a checkpoint belongs to: hashes of the splits, the base model, the train params and the training code
-    (the code files of `stage` in the manifest, pipelines/stages.py)."""
+    """What a checkpoint belongs to: hashes of the splits, the base model, the parent adapter (train.init_from), the
+    train params and the training code (the code files of `stage` in the manifest, pipelines/stages.py)."""
     splits, base = params.path("splits"), params.path("base_model")
     parts = {
         "train_split": sha256_file(splits / "train.jsonl"),
@@ -41,12 +42,19 @@ def run_fingerprint(params: Params, stage: str = "train") -> dict[str, Any]:
         "train_params": hashlib.sha256(json.dumps(params.train.model_dump(mode="json"), sort_keys=True).encode())
         .hexdigest(),
         "max_length": params.format.max_length,
+        # train.init_from: the parent's weights (its path and 'promoted' are in train_params; its content is here)
+        "parent_weights": _parent_weights(params),
         # the code that turns rows into batches and trains on them: a checkpoint of other code is not resumed
         "code": hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in BY_NAME[stage].code_files()))
         .hexdigest(),
     }
     run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return {"run_hash": run_hash, "parts": parts}
+
+
+def _parent_weights(params: Params) -> str | None:
+    parent = methods.parent_dir(params)
+    return methods.weights_sha256(parent) if parent is not None and parent.is_dir() else None
 
 
 def step_of(path: Path) -> int:

@@ -298,6 +298,16 @@ def optimizer_unsupported(optim: str, device: str) -> str | None:
     return None
 
 
+def compile_unsupported(device: str) -> str | None:
+    """None if torch.compile can build kernels for `device`, else why not. On CPU, inductor compiles C++ with the
+    system compiler (g++, c++ or clang++ on PATH); a machine without one fails at the first training step."""
+    import shutil
+
+    if device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler (g++, c++ or clang++) on PATH for CPU kernels, and none is there"
+    return None
+
+
 def tracker_missing(report_to: str) -> str | None:
     """None if the experiment tracker's package is importable (or no tracker is asked for), else the sentence."""
     modules = TRACKER_MODULES.get(report_to)

@@ -10,7 +10,8 @@ module tree is built on the meta device, which allocates no memory):
     model.trust_remote_code   the model folder ships its own code (auto_map) but running it is not allowed
     format.max_length         above the model's context window (max_position_embeddings), virtual tokens included
     train.method              qlora needs 4-bit bitsandbytes kernels on this device; freeze.last_n_blocks <= blocks
-    train.optim, report_to    a bitsandbytes optimizer this device cannot run; a tracker that is not installed
+    train.optim, report_to    a bitsandbytes optimizer this device cannot run; a tracker that is not installed;
+    train.torch_compile       no C++ compiler for inductor's CPU kernels
     train.init_from           the parent folder exists and holds an adapter of train.method (pipelines.methods)
     train.<method>.target_modules  a name that is no module of the model, or a module the method cannot adapt
 
@@ -90,6 +91,10 @@ def _check_options(params: Params) -> None:
     if reason:
         raise ConfigError(f"train.optim = {cfg.optim!r} cannot run on {device} here ({reason}); use adamw_torch, "
                           "adafactor or sgd, or a machine where bitsandbytes supports it")
+    reason = methods.compile_unsupported(device) if cfg.torch_compile else None
+    if reason:
+        raise ConfigError(f"train.torch_compile = true cannot work on {device} here: {reason}; install one "
+                          "(apt-get install g++) or set train.torch_compile: false")
 
 
 def _check_blocks(params: Params, folder: Path, config: dict[str, Any]) -> None:

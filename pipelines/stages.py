@@ -128,8 +128,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train", module="pipelines.train", asset="lora_adapter", group="training",
         help="fine-tune the adapter with TRL SFTTrainer + peft",
-        description="LoRA adapter (peft format, with tokenizer and run card) fine-tuned with TRL SFTTrainer on "
-        "the train split; per-step losses stream to the run log.",
+        description="The fine-tuned adapter (peft format, or a whole model for train.method full / freeze) with "
+        "tokenizer and run card, trained with TRL SFTTrainer on the train split by train.method (LoRA by default); "
+        "per-step losses stream to the run log.",
         # paths.promoted: train.init_from may name it ('promoted'). The parent folder cannot be a DVC dep (promote
         # writes it after train: a cycle) and an optional dep cannot be declared; its content hash is in the run
         # hash, train_metrics.json and the run card (README "Continuing from an adapter").

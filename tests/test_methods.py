@@ -191,7 +191,7 @@ def load_params_for(method: str, **extra):
     """A TrainConfig of `method` with the few-step settings (no project folder needed)."""
     from pipelines.config import TrainConfig
 
-    return TrainConfig.model_validate({"method": method, **SETTINGS[method], **extra})
+    return TrainConfig.model_validate({"method": method, **SETTINGS.get(method, {}), **extra})
 
 
 # ------------------------------------------------------------------------------------------------ AdaLoRA
@@ -343,6 +343,18 @@ def test_torch_compile_is_passed_to_the_trainer(tmp_path, tiny_model_dir, tiny_t
     assert plain.args.torch_compile is False
 
 
+def test_torch_compile_without_a_compiler_is_refused_by_the_preflight(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil as shell
+
+    monkeypatch.setattr(shell, "which", lambda name: None)
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"torch_compile": True}))
+    if torch.cuda.is_available():
+        pytest.skip("the compiler check is for CPU kernels")
+    with pytest.raises(ConfigError, match=r"train.torch_compile = true cannot work on cpu here: inductor needs a C\+\+ "
+                                          r"compiler"):
+        preflight(params, "train")
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path, tiny_model_dir, tiny_tokenizer):
     """Two steps compiled (inductor, CPU) give the eager losses. Slow: compiling takes minutes on 2 cores."""
@@ -480,3 +492,17 @@ def test_the_train_stage_declares_what_init_from_reads():
     assert "paths.promoted" in stage.params and "pipelines.methods" in stage.code
     dvc = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["train"]
     assert "${paths.promoted}" not in dvc["deps"]  # a dep on promote's output would be a cycle
+
+
+@pytest.mark.parametrize(("numbers", "text"), [([3], "3"), ([0, 1, 2, 5, 7, 8], "0-2, 5, 7-8"), ([28, 29], "28-29")])
+def test_block_ranges_in_the_run_card(numbers, text):
+    assert methods._ranges(numbers) == text
+
+
+def test_the_run_card_shows_the_method_settings_that_acted():
+    """A method whose section is left out trains with that section's defaults; the card shows them, and no other
+    method's section."""
+    params = methods.effective_params(load_params_for("ia3"))
+    assert params["ia3"] == {"target_modules": None, "feedforward_modules": None} and "lora" not in params
+    assert methods.effective_params(load_params_for("lora"))["lora"]["r"] == 16
+    assert "freeze" not in methods.effective_params(load_params_for("full"))

@@ -1,4 +1,4 @@
-"""Fine-tune the base model on the train split: TRL `SFTTrainer` + peft (LoRA, DoRA, QLoRA) or full fine-tuning.
+"""Fine-tune the base model on the train split: TRL `SFTTrainer` + the peft method of train.method, or full / freeze.
 
     python -m pipelines train                                        # one process, device picked automatically
     PIPELINES_TRAIN_LAUNCHER=accelerate PIPELINES_TRAIN_PROCESSES=2 python -m pipelines train   # 2-process DDP
@@ -7,7 +7,8 @@
 It reads top to bottom like TRL's `sft.py`: encode the splits, build the trainer, train, write the adapter.
 Hyperparameters come from params.yaml `train:`; the environment (device, precision, threads, 4-bit loading,
 launcher) is a `TrainEnv` (pipelines.train_env: the Dagster trainer resource, or PIPELINES_TRAIN_* variables).
-Around it: pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the same losses, faster on CPU),
+Around it: pipelines.methods (each method's peft config, freezing, AdaLoRA's budget callback, init_from),
+pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the same losses, faster on CPU),
 pipelines.launcher (`accelerate launch` and its log protocol), pipelines.fence (the library internals those use).
 
 Data: each row of splits/{train,validation}.jsonl is tokenised by `pipelines.chat.tokenize_conversation`, the
@@ -15,7 +16,8 @@ one source of truth for the chat template and the loss mask: labels are the toke
 (its end-of-turn token included, so the model learns to stop) and -100 elsewhere. SFTTrainer receives this
 pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-renders, re-masks, nor adds or
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
-and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
+and label -100), or with train.padding_free flattened into one row (exact too, tests/test_methods.py); the padding
+efficiency (real tokens / computed token slots) is measured and reported.
 """
 
 from __future__ import annotations

@@ -403,6 +403,9 @@ def check_parent(params: Params) -> Path | None:
             raise ConfigError(f"{where}: {key} = {getattr(section, ours)} but the adapter in '{folder}' has "
                               f"{theirs} = {config.get(theirs)}; an adapter continues with its own shape, so set "
                               f"{key}: {config.get(theirs)}")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{where}: '{folder}' has no adapter_model.safetensors; only safetensors are loaded (a .bin "
+                          "file is a pickle that can run code): re-save the adapter with safe_serialization=True")
     return folder
 
 
@@ -419,7 +422,12 @@ def parent_record(folder: Path) -> dict[str, Any]:
 
 
 def load_parent_adapter(model: Any, folder: Path) -> Any:
-    """The base `model` wrapped with the parent adapter, its weights trainable (peft PeftModel.from_pretrained)."""
+    """The base `model` wrapped with the parent adapter, its weights trainable (peft PeftModel.from_pretrained).
+
+    Only adapter_model.safetensors is loaded: without it peft would fall back to adapter_model.bin, a pickle."""
     from peft import PeftModel
 
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise StageError(f"train.init_from: '{folder}' has no adapter_model.safetensors; only safetensors are loaded "
+                         "(a .bin file is a pickle that can run code): re-save the adapter with safe_serialization")
     return PeftModel.from_pretrained(model, folder, is_trainable=True)

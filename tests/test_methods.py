@@ -473,6 +473,7 @@ def test_promoted_is_the_promoted_folder(tmp_path, tiny_model_dir):
     ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}, {"method": "prompt_tuning"},
      "train.prompt_tuning.num_virtual_tokens = 20 but the adapter"),
     ({"peft_type": "LORA", "r": 16, "lora_alpha": 32}, {"method": "freeze"}, "continues a whole model"),
+    ({"peft_type": "LORA", "r": 16, "lora_alpha": 32}, {}, "has no adapter_model.safetensors"),  # a .bin: pickle
 ])
 def test_a_parent_of_another_method_or_shape_is_refused(tmp_path, tiny_model_dir, parent_config, train_settings,
                                                         words):

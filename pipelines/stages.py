@@ -130,12 +130,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train", module="pipelines.train", asset="lora_adapter", group="training",
         help="fine-tune the adapter with TRL SFTTrainer + peft",
-        description="LoRA adapter (peft format, with tokenizer and run card) fine-tuned with TRL SFTTrainer on "
-        "the train split; per-step losses stream to the run log.",
-        params=("train", "format.max_length", "model.trust_remote_code"), inputs=("splits", "base_model"),
-        outputs=("adapter",), scratch=("checkpoints",),
+        description="The fine-tuned adapter (peft format, or a whole model for train.method full / freeze) with "
+        "tokenizer and run card, trained with TRL SFTTrainer on the train split by train.method (LoRA by default); "
+        "per-step losses stream to the run log.",
+        # paths.promoted: train.init_from may name it ('promoted'). The parent folder cannot be a DVC dep (promote
+        # writes it after train: a cycle) and an optional dep cannot be declared; its content hash is in the run
+        # hash, train_metrics.json and the run card (README "Continuing from an adapter").
+        params=("train", "format.max_length", "model.trust_remote_code", "paths.promoted"),
+        inputs=("splits", "base_model"), outputs=("adapter",), scratch=("checkpoints",),
         code=("pipelines.chat", "pipelines.cpu_speedups", "pipelines.checkpoints", "pipelines.runcard",
-              "pipelines.preflight"), kinds=("pytorch", "huggingface"),
+              "pipelines.preflight", "pipelines.methods"), kinds=("pytorch", "huggingface"),
         rebuild_on=("dataset_splits",), uses_trainer=True,
     ),
     Stage(
@@ -146,7 +150,8 @@ STAGES: tuple[Stage, ...] = (
         "and metrics.json.",
         params=("evaluate", "train.method", "model.trust_remote_code"),
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
-        code=("pipelines.metrics", "pipelines.report", "pipelines.chat"), files=("probe_general.jsonl",),
+        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods"),
+        files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
         uses_trainer=True,
         plots={"loss_curves": {"template": "linear", "x": "step", "y": {
@@ -235,6 +240,10 @@ DVC_HEADER = """\
 #   dvc exp run -S train.learning_rate=0.0005   an experiment with one knob changed
 # paths.checkpoints (train's resume point after a crash) is deliberately not an output: DVC neither caches nor
 # deletes it, so a fresh clone, or `dvc checkout` of another revision, does not see train as changed.
+# train.init_from (continue from an adapter) names a folder that is NOT a dep of train: `promoted` is written by a
+# later stage (a cycle) and a folder outside the pipeline is not tracked. DVC reruns train when the key's value
+# changes, not when that folder's content does (`dvc repro -f train` then); the parent's content hash is in the
+# run hash, in data/adapter/train_metrics.json (parent_weights_sha256) and in the run card.
 """
 
 

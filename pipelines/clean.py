@@ -232,7 +232,8 @@ class CleanResult:
 _redact_cached = lru_cache(maxsize=1024)(redact)
 
 
-def _excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
+def excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
+    """A quarantine excerpt of a conversation: "role: content | ...", PII redacted when the rules redact it."""
     text = " | ".join(f"{m['role']}: {m['content']}" for m in messages)[: EXCERPT_CHARS * 2]
     if redact_pii:  # the quarantine must not leak what the kept rows had redacted
         text = redact(text)[0]
@@ -241,7 +242,7 @@ def _excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
 
 def _quarantine(row: dict[str, Any], rule: str, reason: str, redact_pii: bool, **extra: Any) -> dict[str, Any]:
     return {"source": row["source"], "line": row["line"], "stage": STAGE, "rule": rule, "reason": reason,
-            "excerpt": _excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
+            "excerpt": excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
 
 
 def _text_rules(cfg: CleanConfig) -> list[tuple[str, Callable[[str], str]]]:
@@ -264,6 +265,42 @@ def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[s
     if total > cfg.max_chars:
         return "too_long", f"conversation has {total} characters, more than clean.max_chars = {cfg.max_chars}"
     return None
+
+
+@dataclass
+class CleanedMessages:
+    """One conversation after the per-row rules (see `clean_messages`)."""
+
+    messages: list[dict[str, Any]]
+    touched: list[str]  # the text rules that changed at least one message, in rule order
+    problem: tuple[str, str] | None  # (rule, reason) when a length limit removes the conversation
+    pii: Counter  # PII replacements per type (empty when redaction is off or the conversation is removed)
+
+
+def clean_messages(messages: list[dict[str, Any]], cfg: CleanConfig,
+                   rules: list[tuple[str, Callable[[str], str]]] | None = None) -> CleanedMessages:
+    """The per-row rules of this stage on one conversation, in order: the text rules, the length limits, then PII
+    redaction. The clean stage applies exactly this to every row, the preference-data stage to every side of a
+    pair (prompt + chosen, prompt + rejected), so both datasets see the same text. Input messages are not modified.
+
+    `rules` is `_text_rules(cfg)` computed once by a caller that cleans many conversations."""
+    messages = [dict(m) for m in messages]
+    touched = []
+    for rule, fn in rules if rules is not None else _text_rules(cfg):
+        changed = False
+        for m in messages:
+            new = fn(m["content"])
+            if new != m["content"]:
+                m["content"], changed = new, True
+        if changed:
+            touched.append(rule)
+    problem = _length_problem(messages, cfg)
+    found: Counter = Counter()
+    if problem is None and cfg.redact_pii:
+        for m in messages:
+            m["content"], n = _redact_cached(m["content"])
+            found.update(n)
+    return CleanedMessages(messages, touched, problem, found)
 
 
 Sink = Callable[[dict[str, Any]], Any]
@@ -295,25 +332,13 @@ class Cleaner:
         self._sources: dict[str, str] = {}  # one string object per source file
 
     def _apply(self, row: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
-        cfg, counts = self.cfg, self.counts
-        messages = [dict(m) for m in row["messages"]]
-        for rule, fn in self._text_rules:
-            touched = False
-            for m in messages:
-                new = fn(m["content"])
-                if new != m["content"]:
-                    m["content"], touched = new, True
-            counts[rule]["touched"] += touched
-        cleaned = {**row, "messages": messages}
-        problem = _length_problem(messages, cfg)
-        if problem is None and cfg.redact_pii:
-            found: Counter = Counter()
-            for m in messages:
-                m["content"], n = _redact_cached(m["content"])
-                found.update(n)
-            counts["pii"]["touched"] += bool(found)
-            self.pii += found
-        return cleaned, problem
+        result = clean_messages(row["messages"], self.cfg, self._text_rules)
+        for rule in result.touched:
+            self.counts[rule]["touched"] += 1
+        if result.pii:
+            self.counts["pii"]["touched"] += 1
+            self.pii += result.pii
+        return {**row, "messages": result.messages}, result.problem
 
     def _location(self, index: int) -> tuple[str, str]:
         row_id, source, line = self._where[index]

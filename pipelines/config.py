@@ -307,10 +307,20 @@ class AlignConfig(_Section):
                              f"{self.method!r}; use one of {', '.join(allowed)} (or leave it empty)")
         return self
 
-    @property
-    def loss(self) -> str:
-        """The loss that is trained: loss_type, or the method's own."""
-        return self.loss_type or DEFAULT_LOSS[self.method]
+
+
+# The align keys that change what is trained: the align stage reads these (and its checkpoints are keyed on them);
+# the gate and max_eval_pairs only change the evaluation, so editing them does not retrain.
+ALIGN_TRAINING_KEYS = (
+    "method", "loss_type", "beta", "simpo_gamma", "desirable_weight", "undesirable_weight", "seed", "learning_rate",
+    "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
+    "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience", "logging_steps", "report_to",
+)
+
+
+def align_loss(cfg: AlignConfig) -> str:
+    """The loss that is trained: align.loss_type, or the method's own."""
+    return cfg.loss_type or DEFAULT_LOSS[cfg.method]
 
 
 class Params(_Section):

@@ -394,6 +394,49 @@ def preference_leakage(preference: Mapping[str, Iterable[dict[str, Any]]], sft: 
             "threshold": threshold, "examples": examples, "passed": exact == 0 and near == 0}
 
 
+# ----------------------------------------------------------------------------------- rows for a trainer
+
+
+def _prompt_key(row: dict[str, Any]) -> str:
+    return json.dumps([row["prompt"], row.get("tools")], sort_keys=True, ensure_ascii=False)
+
+
+def as_pairs(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The pairs among `rows`, plus pairs made of unpaired rows: for a prompt with desirable and undesirable
+    completions, the i-th desirable against the i-th undesirable (in id order). Returns (pairs, unpaired rows left
+    without a partner). Each pair: id, prompt, chosen, rejected, tools."""
+    pairs, by_prompt = [], defaultdict(lambda: ([], []))
+    for row in rows:
+        if row["kind"] == "pair":
+            pairs.append({k: row.get(k) for k in ("id", "prompt", "chosen", "rejected", "tools")})
+        else:
+            by_prompt[_prompt_key(row)][0 if row["label"] else 1].append(row)
+    left = 0
+    for good, bad in by_prompt.values():
+        good.sort(key=lambda r: r["id"])
+        bad.sort(key=lambda r: r["id"])
+        for g, b in zip(good, bad, strict=False):
+            pairs.append({"id": f"{g['id']}+{b['id']}", "prompt": g["prompt"], "chosen": g["completion"],
+                          "rejected": b["completion"], "tools": g.get("tools")})
+        left += abs(len(good) - len(bad))
+    return pairs, left
+
+
+def as_unpaired(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row as KTO rows (id, prompt, completion, label, tools): a pair gives one desirable and one undesirable
+    row, as trl.unpair_preference_dataset does."""
+    out = []
+    for row in rows:
+        if row["kind"] == "pair":
+            out += [{"id": f"{row['id']}:chosen", "prompt": row["prompt"], "completion": row["chosen"], "label": True,
+                     "tools": row.get("tools")},
+                    {"id": f"{row['id']}:rejected", "prompt": row["prompt"], "completion": row["rejected"],
+                     "label": False, "tools": row.get("tools")}]
+        else:
+            out.append({k: row.get(k) for k in ("id", "prompt", "completion", "label", "tools")})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- stage
 
 

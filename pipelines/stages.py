@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.config import ALIGN_TRAINING_KEYS
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -167,7 +169,8 @@ STAGES: tuple[Stage, ...] = (
         description="The SFT adapter after preference tuning (TRL DPOTrainer / KTOTrainer, ORPO / SimPO from "
         "trl.experimental) on the preference pairs, with the SFT model as the reference; run card and per-step "
         "rewards. With align.method none, or no preference rows, it records why nothing was trained.",
-        params=("align", "train.method", "format.max_length", "model.trust_remote_code"),
+        params=(*(f"align.{key}" for key in ALIGN_TRAINING_KEYS), "train.method", "format.max_length",
+                "model.trust_remote_code"),
         inputs=("preferences", "adapter", "base_model"), outputs=("aligned_adapter",), scratch=("align_checkpoints",),
         code=("pipelines.train", "pipelines.chat", "pipelines.runcard"), kinds=("pytorch", "huggingface"),
         rebuild_on=("preference_pairs", "lora_adapter"), uses_trainer=True,
@@ -179,7 +182,7 @@ STAGES: tuple[Stage, ...] = (
         description="SFT vs aligned adapter: preference accuracy and reward margin on the held-out preference pairs, "
         "task metrics and the forgetting probe on the SFT test split, with paired bootstrap intervals; the alignment "
         "gate; report.html/.md and alignment_metrics.json.",
-        params=("align", "evaluate", "train.method", "model.trust_remote_code"),
+        params=("align.max_eval_pairs", "align.gate", "evaluate", "model.trust_remote_code"),
         inputs=("aligned_adapter", "adapter", "base_model", "preferences", "splits"), outputs=("alignment",),
         metrics=("alignment_metrics",),
         code=("pipelines.evaluate", "pipelines.metrics", "pipelines.report", "pipelines.chat"),

@@ -81,6 +81,8 @@ def _project(tmp_path, metrics: dict, **evaluate):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     metrics = {**metrics, "adapter_sha256": sha256_tree(adapter)}
     params.path("metrics").write_text(json.dumps(metrics))
+    # what evaluate-alignment writes when no preference tuning ran: the SFT adapter is the final one
+    params.path("alignment_metrics").write_text(json.dumps({"applicable": False, "reason": "align.method is none"}))
     return params
 
 

@@ -335,8 +335,8 @@ def _preference_leakage(params: Params, project: ProjectResource) -> dg.AssetChe
     leak = preference_leakage(preference, sft, params.clean.near_dup_threshold, params.clean.num_perm,
                               params.clean.shingle_size)
     exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
-    examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}",
-                 "jaccard": e["jaccard"]} for e in leak["examples"]]
+    examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}"}
+                for e in leak["examples"]]
     return dg.AssetCheckResult(
         passed=exact == 0 and near == 0,
         metadata={"exact_duplicates_across_splits": exact, "near_duplicate_pairs_across_splits": near,

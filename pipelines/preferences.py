@@ -331,13 +331,18 @@ def plan_splits(prompts: Sequence[str], strata: Sequence[str], sft: Sequence[tup
     own rows to the same standard (groups at split.group_threshold, no near duplicate across splits), so linking
     to it at the looser group threshold would be stricter for preference rows than for SFT rows."""
     groups = group_keys(prompts, cfg.group_threshold, num_perm, shingle_size)
-    texts = [text for _, text in sft] + list(prompts)
-    n_sft = len(sft)
+    distinct = _Distinct([text for _, text in sft] + list(prompts))
+    sft_splits: dict[int, set[str]] = defaultdict(set)  # distinct text -> SFT splits holding it
+    pref_groups: dict[int, set[str]] = defaultdict(set)  # distinct text -> preference groups holding it
+    for i, (name, _) in enumerate(sft):
+        sft_splits[distinct.of[i]].add(name)
+    for i, group in enumerate(groups):
+        pref_groups[distinct.of[len(sft) + i]].add(group)
     owners: dict[str, set[str]] = defaultdict(set)  # preference group -> SFT splits of its near duplicates
-    for i, j, _ in near_duplicate_pairs(texts, near_dup_threshold, num_perm=num_perm, shingle_size=shingle_size):
-        if (i < n_sft) != (j < n_sft):
-            row, sft_row = (j, i) if i < n_sft else (i, j)
-            owners[groups[row - n_sft]].add(sft[sft_row][0])
+    for a, b in [(d, d) for d in pref_groups] + distinct.near_pairs(near_dup_threshold, num_perm, shingle_size):
+        for x, y in ((a, b), (b, a)):
+            for group in pref_groups.get(x, ()):
+                owners[group] |= sft_splits.get(y, set())
     splits: list[str | None] = [None] * len(prompts)
     forced: list[str | None] = [None] * len(prompts)
     conflicts: dict[int, list[str]] = {}
@@ -361,11 +366,26 @@ def plan_splits(prompts: Sequence[str], strata: Sequence[str], sft: Sequence[tup
     return SplitPlan(groups, splits, forced, conflicts)
 
 
+class _Distinct:
+    """Texts reduced to their distinct values (`of[i]`: the distinct index of text i), so near-duplicate pairs are
+    found once per pair of distinct texts and apply to every copy (pipelines.dedup.near_duplicate_pairs reports a
+    copy only against the first occurrence of its text)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        index: dict[str, int] = {}
+        self.of = [index.setdefault(t, len(index)) for t in texts]
+        self.texts = list(index)
+
+    def near_pairs(self, threshold: float, num_perm: int, shingle_size: int) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, _ in near_duplicate_pairs(self.texts, threshold, num_perm=num_perm,
+                                                           shingle_size=shingle_size)]
+
+
 def preference_leakage(preference: Mapping[str, Iterable[dict[str, Any]]], sft: Mapping[str, Iterable[dict[str, Any]]],
                        threshold: float, num_perm: int = 128, shingle_size: int = 3) -> dict[str, Any]:
     """Exact and near duplicate prompts (Jaccard >= threshold) in different splits, where at least one of the two
-    is a preference row: preference vs preference, or preference vs SFT. Rows are streamed; only id and prompt
-    text are kept."""
+    is a preference row: preference vs preference, or preference vs SFT. Counted per distinct prompt (exact) and per
+    pair of distinct prompts (near). Rows are streamed; only id and prompt text are kept."""
     names, ids, texts, is_pref = [], [], [], []
     for kind, splits in (("preference", preference), ("sft", sft)):
         for name, rows in splits.items():
@@ -374,22 +394,25 @@ def preference_leakage(preference: Mapping[str, Iterable[dict[str, Any]]], sft: 
                 ids.append(f"{kind}:{row.get('id')}")
                 texts.append(prompt_text(row["prompt"] if kind == "preference" else sft_prompt(row)))
                 is_pref.append(kind == "preference")
-    digests = [exact_digest(t) for t in texts]
-    splits_of: dict[bytes, set[str]] = defaultdict(set)
-    has_pref: dict[bytes, bool] = defaultdict(bool)
-    for digest, name, pref in zip(digests, names, is_pref, strict=True):
-        splits_of[digest].add(name)
-        has_pref[digest] |= pref
-    exact = sum(len(s) > 1 and has_pref[d] for d, s in splits_of.items())
+    distinct = _Distinct(texts)
+    members: dict[int, list[int]] = defaultdict(list)  # distinct text -> rows holding it
+    for i, d in enumerate(distinct.of):
+        members[d].append(i)
+
+    def crossing(a: list[int], b: list[int]) -> tuple[int, int] | None:
+        """Two rows, one of each list, in different splits with at least one preference row; None if none."""
+        return next(((i, j) for i in a for j in b if names[i] != names[j] and (is_pref[i] or is_pref[j])), None)
+
+    exact = sum(crossing(rows, rows) is not None for rows in members.values())
     near, examples = 0, []
-    for i, j, jaccard in near_duplicate_pairs(texts, threshold, num_perm=num_perm, shingle_size=shingle_size):
-        if names[i] == names[j] or not (is_pref[i] or is_pref[j]):
+    for a, b in distinct.near_pairs(threshold, num_perm, shingle_size):
+        found = crossing(members[a], members[b])
+        if found is None:
             continue
-        if digests[i] != digests[j]:
-            near += 1
+        near += 1
         if len(examples) < LEAK_EXAMPLES:
-            examples.append({"a": {"split": names[i], "id": ids[i]}, "b": {"split": names[j], "id": ids[j]},
-                             "jaccard": round(jaccard, 4)})
+            i, j = found
+            examples.append({"a": {"split": names[i], "id": ids[i]}, "b": {"split": names[j], "id": ids[j]}})
     return {"exact_duplicates_across_splits": exact, "near_duplicate_pairs_across_splits": near,
             "threshold": threshold, "examples": examples, "passed": exact == 0 and near == 0}
 

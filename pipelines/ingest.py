@@ -12,9 +12,10 @@ recursively and in sorted order. Row formats (detected per row unless `data.form
     prompt_completion  {"prompt", "completion"}   prompt_response {"prompt", "response"}
     input_output       {"input", "output"}
 
-Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) belong to a preference-tuning
-stage and are quarantined as `unsupported_format`; KTO rows with `label: false` are excluded as
-`undesirable_example`. Neither counts as malformed. Nothing bad crashes the stage or costs a good
+Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) are read by the preference-data stage
+(pipelines/preferences.py), not SFT: they are set aside here as `preference_pair`; KTO rows with `label: false`
+are excluded as `undesirable_example` (the preference-data stage reads them as undesirable rows). Neither counts
+as malformed. Nothing bad crashes the stage or costs a good
 row: each bad line is quarantined with its file, line and reason, and a file that cannot be read at
 all gets one sentence in the report. Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl,
 report.json.
@@ -42,7 +43,7 @@ EXCERPT_CHARS = 200
 CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds memory on big inputs)
 
 # Rules that remove a row without it being broken: they never count toward data.max_bad_fraction.
-NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example"})
+NOT_MALFORMED = frozenset({"preference_pair", "undesirable_example"})
 
 _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                  "tool": "tool", "function": "tool"}
@@ -88,8 +89,9 @@ class _Invalid(Exception):
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:
-    """The row format of `obj` from its keys, 'preference' for chosen/rejected pairs, None if unknown."""
-    if "chosen" in obj and "rejected" in obj:
+    """The row format of `obj` from its keys, 'preference' for chosen/rejected pairs (even with a side missing:
+    the preference-data stage reports that), None if unknown."""
+    if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "messages" in obj:
         return "messages"
@@ -112,8 +114,8 @@ def normalise_row(
     detected = detect_format(obj)
     if detected == "preference":
         return None, Rejection(
-            "row is a preference pair (chosen/rejected); preference pairs belong to a preference-tuning stage "
-            "(DPO/ORPO), not SFT", "unsupported_format")
+            "row is a preference pair (chosen/rejected): the preference-data stage reads it (python -m pipelines "
+            "preference-data), not SFT", "preference_pair")
     if fmt != "auto":
         if any(k not in obj for k in _REQUIRED[fmt]):
             return None, Rejection(
@@ -691,13 +693,13 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileRe
     except OSError as exc:  # unreadable (permissions, vanished, I/O error): say so, keep what was read
         notes.append(f"could not be read after {_rows(report.rows_read)} ({exc.strerror or exc}); check the file")
     report.messages += [f"{source}: {note}" for note in notes]
-    if n := report.rules["unsupported_format"]:
+    if n := report.rules["preference_pair"]:
         report.messages.append(
-            f"{source}: {_rows(n)} of preference pairs (chosen/rejected); preference pairs belong to a "
-            "preference-tuning stage (DPO/ORPO), not SFT, so they were quarantined as unsupported_format")
+            f"{source}: {_rows(n)} of preference pairs (chosen/rejected) are read by the preference-data stage, not "
+            "SFT (set aside here as preference_pair)")
     if n := report.rules["undesirable_example"]:
         report.messages.append(f"{source}: {_rows(n)} labelled false (undesirable examples) excluded; SFT "
-                               "must not learn from examples marked bad")
+                               "must not learn from examples marked bad (the preference-data stage reads them)")
     if report.rows_read == 0 and not notes:
         report.messages.append(f"{source}: no rows found in the file")
     return report

@@ -253,9 +253,9 @@ def test_preference_scores_on_literal_margins():
 
 
 def _alignment_metrics(gain_ci=(0.05, 0.3), task=(0.80, 0.79), forgetting=0.02) -> dict:
+    low, high = gain_ci
     return {"preference": {"n_pairs": 60, "confidence": 0.95, "sft": {"accuracy": 0.7}, "aligned": {"accuracy": 0.85},
-                           "delta": {"accuracy": 0.15}, "ci": {"delta": {"accuracy": dict(zip(("low", "high"),
-                                                                                              gain_ci))}}},
+                           "delta": {"accuracy": 0.15}, "ci": {"delta": {"accuracy": {"low": low, "high": high}}}},
             "task": {"n_test": 100, "sft": {"exact_match": task[0], "loss": 0.5},
                      "aligned": {"exact_match": task[1], "loss": 0.6}, "forgetting": forgetting,
                      "probe": {"sft_loss": 2.0, "aligned_loss": 2.0 + forgetting}}}

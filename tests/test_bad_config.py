@@ -48,6 +48,12 @@ BAD = [
     pytest.param({"paths": {"cleaned": ""}}, "paths.cleaned", "empty path", id="path-empty"),
     pytest.param({"paths": {"cleaned": "data/raw"}}, "paths.cleaned", "overlap", id="path-equals-raw"),
     pytest.param({"paths": {"splits": "data/formatted/splits"}}, "paths.splits", "overlap", id="path-nested"),
+    pytest.param({"align": {"method": "kto", "loss_type": "ipo"}}, "align",
+                 "align.loss_type = 'ipo' is not a loss of align.method = 'kto'; use one of kto, apo_zero_unpaired",
+                 id="align-loss-of-another-method"),
+    pytest.param({"align": {"method": "ppo"}}, "align.method", "'dpo', 'kto', 'orpo', 'simpo' or 'none'",
+                 id="enum-align-method"),
+    pytest.param({"align": {"batch_size": 1}}, "align.batch_size", "greater than or equal to 2", id="align-batch-1"),
 ]
 
 

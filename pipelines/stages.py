@@ -189,7 +189,8 @@ STAGES: tuple[Stage, ...] = (
         files=("probe_general.jsonl",), kinds=("pytorch", "huggingface", "html"),
         versioned=(("alignment_metrics", None),), rebuild_on=("preference_adapter",),
         plots={"reward_margins": {"template": "linear", "x": "step", "y": {
-            "${paths.alignment}/reward_margins.csv": "reward_margin"}}},
+            "${paths.alignment}/reward_margins.csv": "reward_margin",
+            "${paths.alignment}/eval_reward_margins.csv": "eval_reward_margin"}}},
     ),
     Stage(
         name="promote", module="pipelines.promote", asset="promoted_adapter", group="evaluation",

@@ -324,7 +324,8 @@ def preference_pairs_no_leakage(context: dg.AssetCheckExecutionContext,
     files = {**_preference_files(params), **{f"sft {n}": p for n, p in _split_files(project).items()}}
     if missing := [p for p in files.values() if not p.is_file()]:
         return _missing(missing[0], "preference_pairs")
-    return reuse_or_check(context, params, "preferences", lambda: _preference_leakage(params, project))
+    # Not reused across runs (reuse_or_check): the verdict depends on the SFT split's files as well as this folder.
+    return _preference_leakage(params, project)
 
 
 def _preference_leakage(params: Params, project: ProjectResource) -> dg.AssetCheckResult:

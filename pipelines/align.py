@@ -280,7 +280,9 @@ def run_fingerprint(params: Params) -> dict[str, Any]:
         .hexdigest(),
         "sft_method": params.train.method,
         "max_length": params.format.max_length,
-        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat)))
+        # the code that turns preference rows into trainer rows and trains on them
+        "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat,
+                                                                                 sys.modules[as_pairs.__module__])))
         .hexdigest(),
     }
     run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -416,11 +416,14 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
     early = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "EarlyStoppingCallback"),
                  None)
     timer = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "StepTimer")
-    tokens = max((h["num_tokens"] for h in history if "num_tokens" in h), default=0)  # TRL: cumulative, non-pad
+    resumed_step = int(resume.name.split("-")[-1]) if resume else None
+    # TRL logs num_tokens as a running total of this process's non-pad training tokens (a resumed run restores the
+    # killed run's log, whose totals started from 0 in that process): the last value logged in this session
+    tokens = next((h["num_tokens"] for h in reversed(history)
+                   if "num_tokens" in h and h.get("step", 0) > (resumed_step or 0)), 0)
     trainable, total = count_params(trainer.model)
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    resumed_step = int(resume.name.split("-")[-1]) if resume else None
     metrics: dict[str, Any] = {
         "method": cfg.method, "loss": align_loss(cfg), "beta": cfg.beta,
         "reference": reference,

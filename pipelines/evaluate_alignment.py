@@ -22,7 +22,8 @@ preference tuning differs between them.
    by id: ids are hashes, so an unselected sample).
 
 When the align stage trained nothing (align.method none, or no pairs), the report and metrics say why and the gate
-is not applicable: the SFT adapter stays the final one (pipelines.promote).
+is not applicable: the SFT adapter stays the final one (pipelines.promote). When it trained but the test split holds
+no pair (KTO rows whose prompts have a single label), there is no preference evidence: the gate fails on it.
 
 Reads:  paths.base_model, paths.adapter, paths.aligned_adapter, paths.preferences/test.jsonl, paths.splits/test.jsonl
 Writes: paths.alignment/ report.html (self-contained), report.md (+ PNGs), pairs.jsonl (per-pair log-likelihoods),
@@ -160,6 +161,18 @@ def _skipped(params: Params, record: dict[str, Any]) -> StageResult:
                         "gate_reasons": metrics["gate"]["reasons"]})
 
 
+def _preference_figures(preference: dict[str, Any] | None) -> dict[str, Any]:
+    if preference is None:
+        return {}
+    return {"sft_preference_accuracy": round(preference["sft"]["accuracy"], 4),
+            "aligned_preference_accuracy": round(preference["aligned"]["accuracy"], 4),
+            "preference_accuracy_gain_ci": preference["ci"]["delta"]["accuracy"],
+            "sft_mean_margin": round(preference["sft"]["margin"], 4),
+            "aligned_mean_margin": round(preference["aligned"]["margin"], 4),
+            "implicit_reward_accuracy": round(preference["implicit_reward"]["accuracy"], 4),
+            "implicit_reward_margin": round(preference["implicit_reward"]["margin"], 4)}
+
+
 def _csv(points: list[tuple[float, float]], column: str) -> str:
     return f"step,{column}\n" + "".join(f"{s:g},{v:.6g}\n" for s, v in points)
 
@@ -181,9 +194,6 @@ def run(params: Params) -> StageResult:
     pairs.sort(key=lambda p: p["id"])
     if cfg.max_eval_pairs is not None:
         pairs = pairs[: cfg.max_eval_pairs]
-    if not pairs:
-        raise StageError(f"'{pref_path}' has no held-out pairs ({unused} unpaired rows without a partner), so the "
-                         "aligned adapter cannot be compared with SFT; add preference pairs or raise split.test")
     test_rows = _read_test_rows(require(params.path("splits") / "test.jsonl", "split"), ecfg.max_examples)
     sft_sha, aligned_sha = sha256_tree(params.path("adapter")), sha256_tree(aligned_dir)
     models, tokenizer = load_models(params)
@@ -201,8 +211,10 @@ def run(params: Params) -> StageResult:
         raise StageError(f"the chat template cannot render the held-out rows: {exc}") from None
     margins = {name: [c - r for c, r in zip(lp["chosen"], lp["rejected"], strict=True)] for name, lp in logps.items()}
     beta = float(record["beta"])
+    # No held-out pair (e.g. KTO rows whose prompts have one label only): no preference evidence, so the gate fails
+    # on it, and the report says why; the task metrics are still measured.
     preference = preference_scores(margins["sft"], margins["aligned"], beta, samples=ecfg.bootstrap_samples,
-                                   confidence=ecfg.confidence)
+                                   confidence=ecfg.confidence) if pairs else None
     summary = {k: v for k, v in task.summary.items() if k != "gate"}  # that gate is SFT-vs-base's
     metrics: dict[str, Any] = {
         "aligned": True, "applicable": True, "method": record.get("method"), "loss": record.get("loss"),
@@ -245,14 +257,8 @@ def run(params: Params) -> StageResult:
     write_json(params.path("alignment_metrics"), metrics)
     primary = ecfg.primary_metric
     figures: dict[str, Any] = {
-        "aligned": True, "method": metrics["method"], "n_pairs": preference["n_pairs"], "n_test": summary["n_test"],
-        "sft_preference_accuracy": round(preference["sft"]["accuracy"], 4),
-        "aligned_preference_accuracy": round(preference["aligned"]["accuracy"], 4),
-        "preference_accuracy_gain_ci": preference["ci"]["delta"]["accuracy"],
-        "sft_mean_margin": round(preference["sft"]["margin"], 4),
-        "aligned_mean_margin": round(preference["aligned"]["margin"], 4),
-        "implicit_reward_accuracy": round(preference["implicit_reward"]["accuracy"], 4),
-        "implicit_reward_margin": round(preference["implicit_reward"]["margin"], 4),
+        "aligned": True, "method": metrics["method"], "n_pairs": len(pairs), "unused_unpaired_rows": unused,
+        "n_test": summary["n_test"], **_preference_figures(preference),
         f"sft_{primary}": round(summary["base"][primary], 4) if primary in summary["base"] else None,
         f"aligned_{primary}": round(summary["fine_tuned"][primary], 4) if primary in summary["fine_tuned"] else None,
         "forgetting": round(summary["forgetting"], 4),

@@ -419,7 +419,9 @@ def _pref_rows(metrics: dict[str, Any]) -> list[list[str]]:
 
 
 def alignment_table_markdown(metrics: dict[str, Any]) -> str:
-    level = f"{metrics.get('preference', {}).get('confidence', 0.95):.0%}"
+    if not metrics.get("preference"):
+        return "No held-out preference pairs: the test split holds no prompt with both a chosen and a rejected answer."
+    level = f"{metrics['preference'].get('confidence', 0.95):.0%}"
     lines = [f"| held-out pairs | SFT [{level} CI] | aligned [{level} CI] | delta [{level} CI] | |",
              "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _pref_rows(metrics)]
@@ -449,7 +451,7 @@ def _pair_cells(r: dict[str, Any]) -> list[str]:
 def _intro(metrics: dict[str, Any]) -> str:
     if not metrics.get("applicable", True):
         return f"No preference tuning: {metrics.get('reason', '')}"
-    pref, task = metrics["preference"], metrics["task"]
+    pref, task = metrics.get("preference") or {"n_pairs": 0}, metrics["task"]
     return (f"Method {metrics.get('method')} (loss {metrics.get('loss')}, beta {metrics.get('beta'):g}); reference "
             f"model: {metrics.get('reference')}. {pref['n_pairs']} held-out preference pairs, {task.get('n_test')} "
             "SFT test rows, greedy decoding. Log-likelihoods are summed over the answer tokens; a pair counts as "
@@ -504,10 +506,11 @@ def render_alignment_html(ctx: AlignmentContext, images: dict[str, bytes]) -> st
              f"<h2>Alignment gate: <span class=\"{cls}\">{_e(verdict)}</span></h2>",
              "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>"]
     if m.get("applicable", True):
-        level = f"{m['preference'].get('confidence', 0.95):.0%}"
+        level = f"{(m.get('preference') or {}).get('confidence', 0.95):.0%}"
         parts += ["<h2>Held-out preference pairs</h2>",
                   _table(["held-out pairs", f"SFT [{level} CI]", f"aligned [{level} CI]", f"delta [{level} CI]", ""],
-                         _pref_rows(m), classes=["", "num", "num", "num", ""]),
+                         _pref_rows(m), classes=["", "num", "num", "num", ""]) if m.get("preference") else
+                  f"<p>{_e(alignment_table_markdown(m))}</p>",
                   "<p class=\"muted\">Delta = aligned - SFT; intervals are paired bootstrap intervals over pairs.</p>",
                   "<h2>Task metrics on the SFT test split</h2>",
                   _table(["metric", "SFT [CI]", "aligned [CI]", "delta [CI]", ""],

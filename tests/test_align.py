@@ -278,12 +278,11 @@ def test_alignment_gate(metrics, primary, failing):
         assert any(words in r for r in fails), (words, fails)
 
 
-def test_evaluation_compares_sft_and_aligned_and_writes_the_report(tmp_path, tiny_model_dir, sft_dir):
+def with_sft_test_split(params_file: Path) -> None:
+    """An SFT test split of six memorisable rows, and a quick evaluate section, for evaluate-alignment."""
     from tests.test_train import chat_rows
 
-    params_file = make_project(tmp_path, tiny_model_dir, sft_dir, {"max_steps": 12})
-    params = load_params(params_file)
-    splits = params.path("splits")
+    splits = params_file.parent / "data" / "splits"
     splits.mkdir(parents=True)
     rows = [{**r, "source": "s", "line": i + 1, "format": "messages", "meta": {}, "n_tokens": 20,
              "n_completion_tokens": 5, "truncated": False, "group": r["id"]} for i, r in enumerate(chat_rows(6))]
@@ -291,6 +290,11 @@ def test_evaluation_compares_sft_and_aligned_and_writes_the_report(tmp_path, tin
     yaml_params = yaml.safe_load(params_file.read_text())
     yaml_params["evaluate"] = {"max_new_tokens": 8, "bootstrap_samples": 200, "batch_size": 8}
     params_file.write_text(yaml.safe_dump(yaml_params))
+
+
+def test_evaluation_compares_sft_and_aligned_and_writes_the_report(tmp_path, tiny_model_dir, sft_dir):
+    params_file = make_project(tmp_path, tiny_model_dir, sft_dir, {"max_steps": 12})
+    with_sft_test_split(params_file)
     params = load_params(params_file)
     align.run(params, CPU)
     result = evaluate_alignment.run(params)
@@ -311,6 +315,22 @@ def test_evaluation_compares_sft_and_aligned_and_writes_the_report(tmp_path, tin
     assert (out / "reward_margins.csv").read_text().startswith("step,reward_margin\n1,0\n")
     assert len((out / "pairs.jsonl").read_text().splitlines()) == 8
     assert result.metrics["n_pairs"] == 8 and "| held-out pairs |" in result.metrics["metric_table_md"]
+
+
+def test_held_out_rows_without_pairs_give_no_preference_evidence(tmp_path, tiny_model_dir, sft_dir):
+    """KTO rows whose prompts carry one label each cannot be ranked: the report says so and the gate fails on it."""
+    params_file = make_project(tmp_path, tiny_model_dir, sft_dir, {"method": "kto", "max_steps": 2})
+    with_sft_test_split(params_file)
+    params = load_params(params_file)
+    unpaired = [{**r, "kind": "unpaired", "chosen": None, "rejected": None, "completion": r["chosen"], "label": True}
+                for r in pair_rows(3, 3000)]
+    (params.path("preferences") / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    align.run(params, CPU)
+    result = evaluate_alignment.run(params)
+    m = read_json(params.path("alignment_metrics"))
+    assert m["preference"] is None and m["unused_unpaired_rows"] == 3 and result.metrics["n_pairs"] == 0
+    assert m["gate"]["passed"] is False and "no held-out pairs were measured; FAIL." in m["gate"]["reasons"][0]
+    assert "No held-out preference pairs" in (params.path("alignment") / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------- real data

@@ -353,8 +353,10 @@ def render_files(seed: int = 0, n_unique: int = 1080) -> dict[str, str]:
 
 # --- preference pairs --------------------------------------------------------------------------------
 
-# The mistakes a triage model makes, and how often a rejected answer shows each (they sum to 1).
-MISTAKES = {"priority": 0.45, "category": 0.25, "prose": 0.15, "fenced": 0.15}
+# The mistakes a triage model makes, and how often a rejected answer shows each (they sum to 1). Priority dominates
+# because it does for the demo's SFT model: 21 of its 25 errors on the SFT test split were a wrong priority (the
+# urgency cue misread), 3 a wrong category, none invalid JSON; pairs against prose or fenced JSON teach the format.
+MISTAKES = {"priority": 0.75, "category": 0.15, "prose": 0.05, "fenced": 0.05}
 NEIGHBOURS = {"low": ["medium"], "medium": ["low", "high"], "high": ["medium", "urgent"], "urgent": ["high"]}
 # Categories a reader mixes up: a login that "does not work" reads like a bug, a missing feature like a bug, ...
 CONFUSABLE = {"billing": ["account", "shipping"], "account": ["bug", "billing"], "bug": ["feature_request", "account"],
@@ -363,7 +365,7 @@ PROSE = ["This looks like a {category} issue with {priority} priority.",
          "Category: {category}. Priority: {priority}.",
          "I would file this under {category} and treat it as {priority} priority.",
          "The customer has a {category} problem; priority {priority}."]
-N_PREFERENCE_PROMPTS = 480  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
+N_PREFERENCE_PROMPTS = 720  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
 
 
 def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:

@@ -60,6 +60,11 @@ class PathsConfig(_Section):
     promoted: str = Field("data/promoted", description="The adapter that passed the promotion gate.")
     merged: str = Field("data/merged", description="The promoted adapter merged into the base (plain HF folder).")
     gguf: str = Field("data/gguf", description="GGUF files of the merged model for llama.cpp/Ollama + Modelfile.")
+    preferences: str = Field("data/preferences", description="Preference pairs / labelled rows, split by prompt.")
+    aligned_adapter: str = Field("data/aligned_adapter", description="SFT adapter after preference tuning + run card.")
+    align_checkpoints: str = Field("data/align_checkpoints", description="Preference-tuning checkpoints (resume).")
+    alignment: str = Field("data/alignment", description="Alignment report: SFT vs aligned (HTML + Markdown + plots).")
+    alignment_metrics: str = Field("data/alignment_metrics.json", description="Alignment metrics and gate (DVC).")
 
     @field_validator("*")
     @classmethod
@@ -640,6 +645,107 @@ class ExportConfig(_Section):
         return self
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # trl DPOConfig.loss_type
+LOSSES = {"dpo": DPO_LOSSES, "kto": ("kto", "apo_zero_unpaired"), "orpo": ("orpo",), "simpo": ("simpo",),
+          "none": ("none",)}
+DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "none": "none"}
+
+
+class AlignGateConfig(_Section):
+    """When the aligned adapter may replace the SFT one (pipelines.evaluate_alignment.alignment_gate)."""
+
+    min_preference_gain: float = Field(
+        0.0, ge=0, le=1,
+        description="The aligned model must rank chosen above rejected on at least this much larger a share of the "
+        "held-out pairs than the SFT model, and the lower end of the paired bootstrap interval of that gain must lie "
+        "above 0 (a lucky small test set does not pass).",
+    )
+    max_task_drop: float = Field(
+        0.02, ge=0,
+        description="evaluate.primary_metric of the aligned model on the SFT test split may be at most this much "
+        "worse than the SFT model's (alignment must not undo what SFT learned).",
+    )
+    max_forgetting: float = Field(
+        0.1, ge=0, description="Allowed rise of the probe-set loss (nats/token) from the SFT to the aligned model."
+    )
+
+
+class AlignConfig(_Section):
+    """Preference tuning after SFT (TRL DPOTrainer / KTOTrainer; ORPO and SimPO from trl.experimental).
+
+    It continues the SFT adapter (paths.adapter); with DPO and KTO the reference model is the SFT model."""
+
+    method: Literal["dpo", "kto", "orpo", "simpo", "none"] = Field(
+        "dpo",
+        description="dpo: pairs (chosen vs rejected) against the SFT model as reference; kto: unpaired desirable / "
+        "undesirable rows (pairs are split into one of each); orpo, simpo: reference-free pair losses "
+        "(trl.experimental); none: no preference tuning, the SFT adapter is the final one.",
+    )
+    loss_type: str | None = Field(
+        None,
+        description="dpo: one of TRL's DPO losses (sigmoid = the DPO paper, ipo, hinge, robust, ...); kto: kto or "
+        "apo_zero_unpaired. Empty: the method's own loss (sigmoid for dpo, kto for kto).",
+    )
+    beta: float = Field(
+        0.1, gt=0,
+        description="Strength of the tie to the reference: higher keeps the aligned model closer to SFT (DPO/KTO "
+        "beta; ORPO's lambda and SimPO's beta). The implicit reward is beta * log(pi / pi_ref).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (gamma); simpo only.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable rows (balance the two kinds).")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
+    seed: int = Field(42, ge=0, description="Seed for data order (seeded per epoch, so a resume replays it).")
+    learning_rate: float = Field(
+        5e-5, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
+        "fine-tuning); LoRA takes ~10x a full fine-tune's."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients at this norm; 0 disables clipping.")
+    batch_size: int = Field(
+        8, ge=2, description="Pairs (kto: rows) per device per step; KTO estimates its KL term within a batch, so >= 2."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
+    eval_steps: int = Field(25, ge=1, description="Evaluate on the validation pairs every N steps.")
+    save_steps: int = Field(25, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
+    early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
+    logging_steps: int = Field(5, ge=1, description="Log loss and rewards every N steps.")
+    report_to: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="Experiment tracker; never on by accident."
+    )
+    max_eval_pairs: int | None = Field(
+        None, ge=1, description="Evaluate at most this many held-out pairs (None: all of the test split)."
+    )
+    gate: AlignGateConfig = Field(default_factory=AlignGateConfig)
+
+    @model_validator(mode="after")
+    def _loss_of_the_method(self) -> AlignConfig:
+        allowed = LOSSES[self.method]
+        if self.loss_type is not None and self.loss_type not in allowed:
+            raise ValueError(f"align.loss_type = {self.loss_type!r} is not a loss of align.method = "
+                             f"{self.method!r}; use one of {', '.join(allowed)} (or leave it empty)")
+        return self
+
+
+
+# The align keys that change what is trained: the align stage reads these (and its checkpoints are keyed on them);
+# the gate and max_eval_pairs only change the evaluation, so editing them does not retrain.
+ALIGN_TRAINING_KEYS = (
+    "method", "loss_type", "beta", "simpo_gamma", "desirable_weight", "undesirable_weight", "seed", "learning_rate",
+    "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
+    "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience", "logging_steps", "report_to",
+)
+
+
+def align_loss(cfg: AlignConfig) -> str:
+    """The loss that is trained: align.loss_type, or the method's own."""
+    return cfg.loss_type or DEFAULT_LOSS[cfg.method]
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -651,6 +757,7 @@ class Params(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     # Folder paths are relative to; set by load_params, not read from the file.
     root: Path = Field(default=Path("."), exclude=True)

@@ -51,6 +51,12 @@ BAD = [
     pytest.param({"paths": {"cleaned": ""}}, "paths.cleaned", "empty path", id="path-empty"),
     pytest.param({"paths": {"cleaned": "data/raw"}}, "paths.cleaned", "overlap", id="path-equals-raw"),
     pytest.param({"paths": {"splits": "data/formatted/splits"}}, "paths.splits", "overlap", id="path-nested"),
+    pytest.param({"align": {"method": "kto", "loss_type": "ipo"}}, "align",
+                 "align.loss_type = 'ipo' is not a loss of align.method = 'kto'; use one of kto, apo_zero_unpaired",
+                 id="align-loss-of-another-method"),
+    pytest.param({"align": {"method": "ppo"}}, "align.method", "'dpo', 'kto', 'orpo', 'simpo' or 'none'",
+                 id="enum-align-method"),
+    pytest.param({"align": {"batch_size": 1}}, "align.batch_size", "greater than or equal to 2", id="align-batch-1"),
 ]
 
 
@@ -243,9 +249,7 @@ def test_params_yaml_holds_the_defaults():
     (so a key left out of a user's file means the same value as the documented file)."""
     import yaml
 
-    from pipelines.config import Params
-
-    from pipelines.config import METHOD_SECTIONS, TrainConfig
+    from pipelines.config import METHOD_SECTIONS, Params, TrainConfig
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = Params().model_dump(mode="json")

@@ -52,20 +52,25 @@ import yaml
 
 from pipelines import chat
 from pipelines.base_model import model_hash, source_info
+from pipelines.checkpoints import callbacks as trainer_callbacks
+from pipelines.checkpoints import drop_incomplete, resume_point
 from pipelines.config import ALIGN_TRAINING_KEYS, AlignConfig, Params, align_loss
-from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_file, write_json
+from pipelines.cpu_speedups import score_only_label_positions
+from pipelines.io import (
+    StageError,
+    StageResult,
+    atomic_dir,
+    claim_output,
+    read_json,
+    read_jsonl,
+    require,
+    sha256_file,
+    write_json,
+)
 from pipelines.preferences import as_pairs, as_unpaired
 from pipelines.runcard import library_versions
-from pipelines.train import (
-    TrainEnv,
-    _callbacks,
-    count_params,
-    drop_incomplete,
-    load_model,
-    peak_memory_mb,
-    resume_point,
-    score_only_label_positions,
-)
+from pipelines.train import count_params, load_model, peak_memory_mb
+from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +341,9 @@ def render_card(card: dict[str, Any]) -> str:
 
 def _skip(params: Params, reason: str, figures: dict[str, Any]) -> StageResult:
     """Write the record of an alignment that did not train; the SFT adapter stays the final one."""
-    out = params.path("aligned_adapter")
+    out = claim_output(params, "aligned_adapter")
     record = {"skipped": True, "reason": reason, "method": params.align.method, **figures}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "aligned_adapter") as tmp:
         tmp.chmod(0o755)
         write_json(tmp / SKIPPED, record)
         (tmp / "README.md").write_text(f"# No preference tuning\n\n{reason}\n\nThe SFT adapter is the final one.\n",
@@ -356,6 +361,7 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
     """Preference-tune the SFT adapter (module docstring); `on_log` receives each trainer log dict."""
     started = time.perf_counter()
     cfg = params.align
+    claim_output(params, "aligned_adapter")  # before any work: the folder is the stage's own, and writable
     if cfg.method == "none":
         return _skip(params, "align.method is none: no preference tuning was asked for", {})
     require(params.path("preferences") / "train.jsonl", "preference-data")
@@ -395,12 +401,12 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
 
     fingerprint = run_fingerprint(params)
     run_dir = params.path("align_checkpoints") / fingerprint["run_hash"]
-    resume = resume_point(run_dir, fingerprint)
+    resume = resume_point(run_dir, fingerprint, remove_corrupt=True)  # a corrupt checkpoint: named, passed over
     drop_incomplete(run_dir)
     model, ref_model, reference = load_policy(params, env)
     trainer = build_trainer(model, ref_model, tokenizer, to_dataset(train_ex), to_dataset(val_ex) if val_ex else None,
-                            cfg, env, run_dir, max_length, callbacks=_callbacks(fingerprint, on_log))
-    train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                            cfg, env, run_dir, max_length, callbacks=trainer_callbacks(fingerprint, on_log))
+    train_result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     final_eval = trainer.evaluate() if val_ex else {}
     staging = run_dir / "final"
     shutil.rmtree(staging, ignore_errors=True)
@@ -416,7 +422,7 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
     early = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "EarlyStoppingCallback"),
                  None)
     timer = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "StepTimer")
-    resumed_step = int(resume.name.split("-")[-1]) if resume else None
+    resumed_step = resume.step
     # TRL logs num_tokens as a running total of this process's non-pad training tokens (a resumed run restores the
     # killed run's log, whose totals started from 0 in that process): the last value logged in this session
     tokens = next((h["num_tokens"] for h in reversed(history)
@@ -460,7 +466,7 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
         "versions": library_versions(), "metrics": metrics,
     }
     out = params.path("aligned_adapter")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "aligned_adapter") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped

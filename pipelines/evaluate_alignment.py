@@ -44,7 +44,7 @@ from typing import Any
 
 from pipelines import report
 from pipelines.align import is_full, read_record, reward_curve
-from pipelines.chat import TemplateError, TokenizedConversation, render, tokenize_conversation
+from pipelines.chat import TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
 from pipelines.config import Params
 from pipelines.evaluate import _load_causal_lm, _read_test_rows, completion_nll, evaluate_models, generate, load_probe
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
@@ -108,10 +108,11 @@ def answer_tokens(tokenizer: Any, prompt: list[dict[str, str]], answer: list[dic
     """The conversation prompt + answer with a mask on the answer's assistant tokens only (each answer message's
     text and end-of-turn token, as the trainer's mask), not on assistant turns inside the prompt."""
     tok = tokenize_conversation(tokenizer, [*prompt, *answer], tools=tools)
-    n_prompt = len(tokenizer(render(tokenizer, prompt, tools=tools, add_generation_prompt=True),
-                             add_special_tokens=False)["input_ids"])
+    # the prompt as pipelines.chat encodes it (the template's adaptations, special-token text as text), not a
+    # re-tokenised string
+    n_prompt = len(tokenize_prompt(tokenizer, [*prompt, *answer], tools=tools).input_ids)
     mask = [0] * min(n_prompt, len(tok.assistant_mask)) + tok.assistant_mask[n_prompt:]
-    return TokenizedConversation(tok.input_ids, mask, tok.text)
+    return TokenizedConversation(tok.input_ids, mask, tok.text, tok.changes)
 
 
 def pair_log_likelihoods(models: AlignedModels, tokenizer: Any, pairs: Sequence[dict[str, Any]],
@@ -149,7 +150,7 @@ def _skipped(params: Params, record: dict[str, Any]) -> StageResult:
                "gate": {"passed": False, "applicable": False,
                         "reasons": [f"not applicable: {reason}; the SFT adapter stays the final one."]}}
     out_dir = params.path("alignment")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "alignment") as tmp:
         ctx = report.AlignmentContext(metrics=metrics)
         (tmp / "report.html").write_text(report.render_alignment_html(ctx, {}), encoding="utf-8")
         (tmp / "report.md").write_text(report.render_alignment_markdown(ctx, []), encoding="utf-8")
@@ -201,7 +202,8 @@ def run(params: Params) -> StageResult:
         logps = pair_log_likelihoods(models, tokenizer, pairs, ecfg.batch_size)
         task = evaluate_models(models, tokenizer, test_rows, load_probe(), ecfg)
         shown = pairs[:N_SHOWN]
-        prompts = [render(tokenizer, p["prompt"], tools=p.get("tools"), add_generation_prompt=True) for p in shown]
+        prompts = [tokenize_prompt(tokenizer, [*p["prompt"], *p["chosen"]], tools=p.get("tools")).input_ids
+                   for p in shown]  # token ids, as evaluate.generate takes them
         generations = {}
         for name in ("sft", "aligned"):
             with models.use(name) as model:
@@ -240,7 +242,7 @@ def run(params: Params) -> StageResult:
                                   task_table=report.metric_rows(summary))
     images = report.alignment_plots(ctx)
     out_dir = params.path("alignment")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "alignment") as tmp:
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(report.render_alignment_html(ctx, images), encoding="utf-8")

@@ -48,7 +48,6 @@ by id), quarantine.jsonl, report.json. The rows are held in memory: preference s
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,9 +56,10 @@ from typing import Any
 
 from pipelines.clean import clean_messages, excerpt
 from pipelines.config import CleanConfig, Params, SplitConfig
-from pipelines.dedup import conversation_text, exact_digest, near_duplicate_pairs
+from pipelines.dedup import conversation_text, exact_digest, exact_key, near_duplicate_pairs
 from pipelines.ingest import READERS, Rejection, normalise_row, raw_files, row_id
-from pipelines.io import StageError, StageResult, atomic_dir, read_jsonl, write_json, write_jsonl
+from pipelines.ingest import _relative as ingest_relative
+from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_jsonl, write_json, write_jsonl
 from pipelines.pii import redact
 from pipelines.schemas import PreferenceSchema, preference_problem, validate
 from pipelines.split import SPLITS, assign_groups, group_keys, stratum_of
@@ -330,7 +330,9 @@ def plan_splits(prompts: Sequence[str], strata: Sequence[str], sft: Sequence[tup
     of content and cfg: the same data and seed give the same split whatever the row order. The SFT split holds its
     own rows to the same standard (groups at split.group_threshold, no near duplicate across splits), so linking
     to it at the looser group threshold would be stricter for preference rows than for SFT rows."""
-    groups = group_keys(prompts, cfg.group_threshold, num_perm, shingle_size)
+    # group_keys compares rows as tagged lines (pipelines.dedup.conversation_lines): a prompt text is one user line
+    groups = group_keys([exact_key(text) for text in prompts], ["U\nu" + " ".join(text.split()) for text in prompts],
+                        cfg.group_threshold, num_perm, shingle_size)
     distinct = _Distinct([text for _, text in sft] + list(prompts))
     sft_splits: dict[int, set[str]] = defaultdict(set)  # distinct text -> SFT splits holding it
     pref_groups: dict[int, set[str]] = defaultdict(set)  # distinct text -> preference groups holding it
@@ -503,7 +505,7 @@ def _row_excerpt(parsed: Parsed) -> str:
 
 
 def _relative(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    return ingest_relative(path, root)  # the same spelling as ingest's (escaped bytes of a non-UTF-8 name)
 
 
 def read_rows(params: Params, quarantine: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[FileReport],
@@ -518,7 +520,9 @@ def read_rows(params: Params, quarantine: list[dict[str, Any]]) -> tuple[list[di
     seen: dict[bytes, str] = {}
     rows: list[dict[str, Any]] = []
     reports: list[FileReport] = []
-    for path in raw_files(raw_dir):
+    for path, why in raw_files(raw_dir, params.root, params.data.follow_links):
+        if why is not None:
+            continue  # a link out of the project, a dangling link, a pipe: the ingest stage reports it
         source = _relative(path, params.root)
         reader = READERS.get(path.suffix.lower())
         if reader is None or any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
@@ -585,7 +589,7 @@ def _counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 def run(params: Params) -> StageResult:
     """Read, clean and split the preference rows (module docstring); an empty result is not an error."""
-    out = params.path("preferences")
+    out = claim_output(params, "preferences")  # before any work: the folder is the stage's own, and writable
     quarantine: list[dict[str, Any]] = []
     rows, reports, cleaning = read_rows(params, quarantine)
     sft = _sft_prompts(params)
@@ -626,7 +630,7 @@ def run(params: Params) -> StageResult:
             f"({params.clean.near_dup_threshold})")
     summary = _summary(reports, by_split, quarantine, cleaning, plan, leak, params)
     failure = _failure(summary, params)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "preferences") as tmp:
         if not failure:
             for name in SPLITS:
                 write_jsonl(tmp / f"{name}.jsonl", by_split[name])

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from pipelines import align, evaluate_alignment, preferences
+from pipelines import align, evaluate_alignment, io, preferences
 from pipelines.config import AlignGateConfig, load_params
 from pipelines.io import StageError, read_json
 from pipelines.metrics import alignment_gate, preference_scores
-from pipelines.train import TrainEnv
+from pipelines.train_env import TrainEnv
 from tests.conftest import REPO, SHARED_DATASETS
 
 CPU = TrainEnv.resolve(device="cpu", num_threads=1)
@@ -69,6 +69,7 @@ def make_project(root: Path, model_dir: Path, sft: Path, settings: dict | None =
     """params.yaml + preference splits in `root`; base model and SFT adapter point at the fixtures."""
     prefs = root / "data" / "preferences"
     prefs.mkdir(parents=True, exist_ok=True)
+    (prefs / io.MARKER).write_text(io._marker("preferences"))  # as the preference-data stage writes its folder
     for name, rows in (("train", pair_rows(n_train)), ("validation", pair_rows(n_val, 1000)),
                        ("test", pair_rows(n_test, 2000))):
         (prefs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

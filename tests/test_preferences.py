@@ -90,7 +90,7 @@ def test_rows_that_are_not_preference_rows_are_left_alone(obj):
     ({"completion": "a", "label": True}, "missing_prompt", "prompt is missing"),
     ({"prompt": msgs((U, "q")), "chosen": msgs((U, "a")), "rejected": msgs((A, "b"))}, "invalid_conversation",
      "chosen:"),
-    ({"prompt": msgs((A, "q")), "chosen": "a", "rejected": "b"}, "invalid_conversation", "expected a user message"),
+    ({"prompt": msgs((A, "q")), "chosen": "a", "rejected": "b"}, "invalid_conversation", "has no user message"),
     ({"prompt": "q", "chosen": "a", "rejected": 5}, "invalid_row", "rejected must be a string, a message or a list"),
 ])
 def test_bad_pairs_are_rejected_with_a_rule_and_a_reason(obj, rule, words):
@@ -115,7 +115,7 @@ def test_the_clean_rules_apply_to_every_side():
 @pytest.mark.parametrize("chosen, rejected, rule", [
     ("The  answer", "The answer", "identical_sides"),  # equal once whitespace is normalised
     ("<b>yes</b>", "yes", "identical_sides"),  # equal once HTML is stripped
-    ("x", "a fine answer", "too_short"),  # clean.min_chars = 2 on the chosen side
+    ("...", "a fine answer", "too_short"),  # no letter, digit or symbol (clean.min_chars = 1) on the chosen side
 ])
 def test_sides_that_clean_to_the_same_text_or_break_a_length_rule_are_removed(chosen, rejected, rule):
     parsed = parse({"prompt": "q?", "chosen": chosen, "rejected": rejected})

@@ -1,6 +1,7 @@
 """When things run: two jobs, a sensor on the raw files, content-driven retraining, a weekly schedule.
 
     data_job        observe raw_files, then raw_examples -> cleaned_examples -> formatted_dataset -> dataset_splits
+                    -> preference_pairs
     lifecycle_job   everything, base model to GGUF files (the weekly schedule runs it)
 
 Nothing runs because a clock ticked or a file was touched, only because content changed:
@@ -9,15 +10,16 @@ Nothing runs because a clock ticked or a file was touched, only because content 
    is added, changed or removed it requests one data_job run: the part of the graph below the raw files
    (the base model is not downstream of them and is left alone). Those stages are cheap (seconds to
    minutes); their outputs get content-hash DataVersions.
-2. `lora_adapter`, `evaluation_report` and `promoted_adapter` carry `rebuild_when_inputs_change`:
-   `retrain_sensor` requests them only when the *data version* of what they read changed. A new raw
-   file whose rows the cleaner drops as duplicates leaves dataset_splits byte-identical, so its version
-   is unchanged and no training starts. Training waits for the blocking checks upstream (no leakage,
-   formatted schema); train, evaluate and promote go as one run, in which a failing
-   `fine_tuned_beats_base` stops promotion. A newly promoted adapter is then merged (`merged_model`) and
-   exported (`gguf_model`) in the same run, the blocking `reproduces_adapter` check standing between the
-   two. A failed run is not retried automatically: the next change of the splits, or a click in the UI,
-   starts the next one.
+2. `lora_adapter`, `evaluation_report`, `preference_adapter`, `alignment_report`, `promoted_adapter`,
+   `merged_model` and `gguf_model` carry `rebuild_when_inputs_change`: `retrain_sensor` requests them only when
+   the *data version* of what they read changed. A new raw file whose rows the cleaner drops as duplicates leaves
+   dataset_splits byte-identical, so its version is unchanged and no training starts; new preference pairs alone
+   re-run only the alignment (preference_adapter watches preference_pairs and lora_adapter). Training waits for
+   the blocking checks upstream (no leakage, formatted schema); train, evaluate, align, evaluate-alignment and
+   promote go as one run, in which a failing `fine_tuned_beats_base` or `aligned_beats_sft` stops promotion. A
+   newly promoted adapter is then merged (`merged_model`) and exported (`gguf_model`) in the same run, the
+   blocking `reproduces_adapter` check standing between the two. A failed run is not retried automatically: the
+   next change of the splits, or a click in the UI, starts the next one.
 
 Both sensors default to RUNNING: with the UI open, a user who drops a file into data/raw expects the
 graph to follow, and neither sensor can start work unless data content changed (the raw sensor's
@@ -36,8 +38,9 @@ from assets.versions import combined_hash, raw_file_states
 from pipelines.stages import upstream_assets
 from resources.project import ProjectResource
 
-DATA_ASSETS = ("raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits")
-RETRAINED = ("lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model")
+DATA_ASSETS = ("raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits", "preference_pairs")
+RETRAINED = ("lora_adapter", "evaluation_report", "preference_adapter", "alignment_report", "promoted_adapter",
+             "merged_model", "gguf_model")
 
 
 def rebuild_when_inputs_change(*watched: str) -> dg.AutomationCondition:

@@ -3,7 +3,10 @@ each with its evidence in metadata. Blocking checks stop the rest of the run whe
 
     formatted_dataset / schema                  nothing malformed reaches the split or the trainer
     dataset_splits / no_leakage                 no duplicate straddles train and evaluation splits
+    preference_pairs / no_leakage               no preference prompt straddles splits, nor sits in another split
+                                                than an SFT row it duplicates
     evaluation_report / fine_tuned_beats_base   only an adapter that beats the base gets promoted
+    alignment_report / aligned_beats_sft        only an aligned adapter that beats SFT gets promoted
     merged_model / reproduces_adapter           only a merge that equals base + adapter is exported
 """
 
@@ -21,17 +24,25 @@ import pandera.errors
 import pandera.pandas as pa
 
 from assets.automation import CHECK_WITH_ASSET
-from assets.data import base_model, cleaned_examples, dataset_splits, formatted_dataset, raw_examples, raw_files
-from assets.evaluation import evaluation_report, promoted_adapter
+from assets.data import (
+    base_model,
+    cleaned_examples,
+    dataset_splits,
+    formatted_dataset,
+    preference_pairs,
+    raw_examples,
+    raw_files,
+)
+from assets.evaluation import alignment_report, evaluation_report, promoted_adapter
 from assets.export import gguf_model, merged_model
 from assets.metadata import mapping_table, md_table
 from assets.stage import FORCE_TAG
-from assets.training import lora_adapter
+from assets.training import lora_adapter, preference_adapter
 from assets.versions import HASH_CACHE, RAW_SUFFIXES, code_version, content_hash, raw_file_hashes
 from pipelines.config import Params
 from pipelines.io import chunked, read_json, read_jsonl, sha256_tree, write_json
 from pipelines.records import RECORD
-from pipelines.schemas import ConversationSchema, FormattedSchema, SplitSchema, validate
+from pipelines.schemas import ConversationSchema, FormattedSchema, PreferenceSchema, SplitSchema, validate
 from pipelines.schemas import failures as schema_failures
 from resources.project import ProjectResource
 
@@ -89,7 +100,7 @@ def schema_result(schema: type[pa.DataFrameModel], files: dict[str, Path]) -> dg
 
 # The code a data check's verdict depends on: this module and the pipelines modules the checks call.
 CHECK_CODE = code_version("assets.checks", "pipelines.schemas", "pipelines.dedup", "pipelines.split",
-                          "pipelines.io")
+                          "pipelines.preferences", "pipelines.io")
 REUSED = "reused"
 
 
@@ -326,6 +337,53 @@ def _non_empty(params: Params, files: dict[str, Path]) -> dg.AssetCheckResult:
     )
 
 
+# ------------------------------------------------------------------------------------- preferences
+
+
+def _preference_files(params: Params) -> dict[str, Path]:
+    folder = params.path("preferences")
+    return {name: folder / f"{name}.jsonl" for name in SPLITS}
+
+
+@dg.asset_check(asset=preference_pairs, name="no_leakage", blocking=True,
+                description="No exact or near-duplicate prompt (Jaccard >= clean.near_dup_threshold) sits in two "
+                "preference splits, or in another split than an SFT row it duplicates; blocks preference tuning.")
+def preference_pairs_no_leakage(context: dg.AssetCheckExecutionContext,
+                                project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.params()
+    files = {**_preference_files(params), **{f"sft {n}": p for n, p in _split_files(project).items()}}
+    if missing := [p for p in files.values() if not p.is_file()]:
+        return _missing(missing[0], "preference_pairs")
+    # Not reused across runs (reuse_or_check): the verdict depends on the SFT split's files as well as this folder.
+    return _preference_leakage(params, project)
+
+
+def _preference_leakage(params: Params, project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.preferences import preference_leakage
+
+    preference = {name: read_jsonl(path) for name, path in _preference_files(params).items()}
+    sft = {name: read_jsonl(path) for name, path in _split_files(project).items()}
+    leak = preference_leakage(preference, sft, params.clean.near_dup_threshold, params.clean.num_perm,
+                              params.clean.shingle_size)
+    exact, near = leak["exact_duplicates_across_splits"], leak["near_duplicate_pairs_across_splits"]
+    examples = [{"a": f"{e['a']['split']}:{e['a']['id']}", "b": f"{e['b']['split']}:{e['b']['id']}"}
+                for e in leak["examples"]]
+    return dg.AssetCheckResult(
+        passed=exact == 0 and near == 0,
+        metadata={"exact_duplicates_across_splits": exact, "near_duplicate_pairs_across_splits": near,
+                  "threshold": float(leak["threshold"]), "examples": dg.MetadataValue.md(md_table(examples))},
+    )
+
+
+@dg.asset_check(asset=preference_pairs, name="schema",
+                description="Every preference split follows PreferenceSchema (valid pairs or labelled rows); ids "
+                "unique.")
+def preference_pairs_schema(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.params()
+    files = {f"{name}.jsonl": path for name, path in _preference_files(params).items()}
+    return reuse_or_check(context, params, "preferences", lambda: schema_result(PreferenceSchema, files))
+
+
 # --------------------------------------------------------------------------------------- training
 
 
@@ -336,15 +394,33 @@ def _weights_file(folder: Path) -> Path:
 @dg.asset_check(asset=lora_adapter, name="loads", automation_condition=CHECK_WITH_ASSET,
                 description="The adapter files exist, its weights are finite, and it loads onto the base model.")
 def lora_adapter_loads(project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.params()
+    return _adapter_loads(params, params.path("adapter"), "lora_adapter")
+
+
+@dg.asset_check(asset=preference_adapter, name="loads", automation_condition=CHECK_WITH_ASSET,
+                description="The aligned adapter's weights are finite and it loads onto the base model (or the align "
+                "stage recorded why it trained nothing).")
+def preference_adapter_loads(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.align import SKIPPED
+
+    params = project.params()
+    folder = params.path("aligned_adapter")
+    if (folder / SKIPPED).is_file():
+        record = read_json(folder / SKIPPED)
+        return dg.AssetCheckResult(passed=True, metadata={"skipped": dg.MetadataValue.text(str(record.get("reason")))})
+    return _adapter_loads(params, folder, "preference_adapter")
+
+
+def _adapter_loads(params: Params, folder: Path, asset: str) -> dg.AssetCheckResult:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    params = project.params()
-    folder, base_dir = params.path("adapter"), params.path("base_model")
+    base_dir = params.path("base_model")
     weights = _weights_file(folder)
     if not weights.is_file():
-        return _missing(weights, "lora_adapter")
+        return _missing(weights, asset)
     tensors = load_file(str(weights))
     non_finite = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
     trust = params.model.trust_remote_code
@@ -412,8 +488,40 @@ def fine_tuned_beats_base(project: ProjectResource) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(asset=alignment_report, name="aligned_beats_sft", blocking=True,
+                automation_condition=CHECK_WITH_ASSET,
+                description="The alignment gate (pipelines.metrics.alignment_gate): the aligned adapter ranks the "
+                "held-out preference pairs better than SFT (interval above 0), loses at most align.gate.max_task_drop "
+                "of evaluate.primary_metric and forgets at most align.gate.max_forgetting; blocks promotion. Passes, "
+                "as not applicable, when no preference tuning ran (the SFT adapter is then the final one).")
+def aligned_beats_sft(project: ProjectResource) -> dg.AssetCheckResult:
+    from pipelines.metrics import alignment_gate
+
+    params = project.params()
+    path = params.path("alignment_metrics")
+    if not path.is_file():
+        return _missing(path, "alignment_report")
+    metrics = read_json(path)
+    if not metrics.get("applicable"):
+        return dg.AssetCheckResult(passed=True, metadata={
+            "applicable": False, "reason": dg.MetadataValue.text(str(metrics.get("reason")))})
+    passed, reasons = alignment_gate(metrics, params.align.gate, params.evaluate.primary_metric)
+    pref = metrics.get("preference", {})
+    rows = [{"model": m, "preference_accuracy": pref.get(m, {}).get("accuracy"),
+             "mean_margin": pref.get(m, {}).get("margin"),
+             params.evaluate.primary_metric: metrics.get("task", {}).get(m, {}).get(params.evaluate.primary_metric)}
+            for m in ("sft", "aligned", "delta")]
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"applicable": True, "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
+                  "scores": dg.MetadataValue.md(md_table(rows)),
+                  "gate": dg.MetadataValue.json(params.align.gate.model_dump(mode="json"))},
+    )
+
+
 @dg.asset_check(asset=promoted_adapter, name="matches_evaluated_adapter", automation_condition=CHECK_WITH_ASSET,
-                description="The promoted folder holds exactly the adapter the gate passed (content hashes match).")
+                description="The promoted folder holds exactly the adapter its gates passed (the aligned or the SFT "
+                "adapter, as PROMOTED.json says; content hashes match).")
 def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetCheckResult:
     from pipelines.promote import MANIFEST
 
@@ -423,14 +531,16 @@ def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetChec
     if not manifest_path.is_file():
         return _missing(manifest_path, "promoted_adapter")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    adapter_sha = sha256_tree(params.path("adapter")) if params.path("adapter").is_dir() else "missing"
+    source_dir = params.path("aligned_adapter" if manifest.get("adapter") == "aligned" else "adapter")
+    adapter_sha = sha256_tree(source_dir) if source_dir.is_dir() else "missing"
     copied = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
-    source = {p.relative_to(params.path("adapter")).as_posix()
-              for p in params.path("adapter").rglob("*") if p.is_file()} if adapter_sha != "missing" else set()
+    source = {p.relative_to(source_dir).as_posix()
+              for p in source_dir.rglob("*") if p.is_file()} if adapter_sha != "missing" else set()
     passed = manifest.get("adapter_sha256") == adapter_sha and copied == source and bool(manifest["gate"]["passed"])
     return dg.AssetCheckResult(
         passed=passed,
-        metadata={"promoted_sha256": str(manifest.get("adapter_sha256"))[:16], "adapter_sha256": adapter_sha[:16],
+        metadata={"adapter": str(manifest.get("adapter", "sft")),
+                  "promoted_sha256": str(manifest.get("adapter_sha256"))[:16], "adapter_sha256": adapter_sha[:16],
                   "files": len(copied), "gate_passed": bool(manifest["gate"]["passed"])},
     )
 
@@ -519,6 +629,8 @@ CHECKS = [
     raw_files_has_data_files, base_model_loads, raw_examples_schema, raw_examples_bad_row_share,
     cleaned_examples_schema, cleaned_examples_no_exact_duplicates, formatted_dataset_schema,
     dataset_splits_no_leakage, dataset_splits_schema, dataset_splits_non_empty,
-    lora_adapter_loads, lora_adapter_eval_loss_finite, fine_tuned_beats_base, promoted_adapter_matches_evaluated,
+    preference_pairs_no_leakage, preference_pairs_schema,
+    lora_adapter_loads, lora_adapter_eval_loss_finite, preference_adapter_loads, fine_tuned_beats_base,
+    aligned_beats_sft, promoted_adapter_matches_evaluated,
     merged_model_reproduces_adapter, gguf_model_answers_like_merged,
 ]

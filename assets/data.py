@@ -1,4 +1,5 @@
-"""Data assets: raw files -> raw examples -> cleaned -> formatted (chat template) -> train/validation/test.
+"""Data assets: raw files -> raw examples -> cleaned -> formatted (chat template) -> train/validation/test, and the
+preference pairs (raw files + the SFT split -> train/validation/test pairs).
 
 Each asset is built from its stage in the manifest (pipelines/stages.py) by `assets.stage.stage_asset_def`:
 the stage writes its folder (paths in params.yaml), the asset returns its figures as metadata and a
@@ -53,10 +54,22 @@ def _split_rows(result: StageResult) -> dict:
     return {"dagster/row_count": sum(result.metrics.get(f"rows_{name}", 0) for name in ("train", "validation", "test"))}
 
 
+def _preference_extra(result: StageResult) -> dict:
+    m = result.metrics
+    figures: dict = {"dagster/row_count": m.get("rows_out", 0)}
+    per_split = m.get("per_split")
+    if per_split:
+        figures["rows_per_split"] = dg.MetadataValue.md(md_table([{"split": k, **v} for k, v in per_split.items()]))
+    return figures
+
+
 base_model = stage_asset_def(BY_NAME["fetch-model"])
 raw_examples = stage_asset_def(BY_NAME["ingest"], extra=_rows_out, skip=["per_file"])
 cleaned_examples = stage_asset_def(BY_NAME["clean"], extra=_rows_out)
 formatted_dataset = stage_asset_def(BY_NAME["format"], extra=_formatted_extra, skip=["token_histogram"])
 dataset_splits = stage_asset_def(BY_NAME["split"], extra=_split_rows)
+preference_pairs = stage_asset_def(BY_NAME["preference-data"], extra=_preference_extra,
+                                   skip=["per_split", "leakage", "per_file"])
 
-DATA_ASSETS = [raw_files, base_model, raw_examples, cleaned_examples, formatted_dataset, dataset_splits]
+DATA_ASSETS = [raw_files, base_model, raw_examples, cleaned_examples, formatted_dataset, dataset_splits,
+               preference_pairs]

@@ -4,9 +4,12 @@
     dagster definitions validate -m assets.definitions
     PIPELINES_PARAMS=experiment.yaml python -m resources.ui   # the same graph on another params file
 
-Graph (groups):  data: raw_files (observed) -> raw_examples -> cleaned_examples -> formatted_dataset -> dataset_splits
-                 training: base_model -> formatted_dataset; dataset_splits + base_model -> lora_adapter
-                 evaluation: lora_adapter -> evaluation_report -> promoted_adapter
+Graph (groups):  data: raw_files (observed) -> raw_examples -> cleaned_examples -> formatted_dataset -> dataset_splits;
+                       raw_files + dataset_splits -> preference_pairs
+                 training: base_model -> formatted_dataset; dataset_splits + base_model -> lora_adapter;
+                           preference_pairs + lora_adapter + base_model -> preference_adapter
+                 evaluation: lora_adapter -> evaluation_report; preference_adapter + lora_adapter -> alignment_report;
+                             evaluation_report + alignment_report -> promoted_adapter
                  export: promoted_adapter + base_model -> merged_model -> gguf_model
 Jobs, sensors and the schedule are described in assets/automation.py; checks in assets/checks.py.
 """

@@ -1,4 +1,5 @@
-"""Evaluation report (base vs fine-tuned on the test split) and the promoted adapter behind the gate."""
+"""Evaluation report (base vs fine-tuned on the test split), alignment report (SFT vs aligned) and the promoted
+adapter behind the gates."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def _report_extra(result: StageResult) -> dict[str, Any]:
 
 evaluation_report = stage_asset_def(BY_NAME["evaluate"], extra=_report_extra,
                                     skip=["metric_table_md", "gate_reasons", "loss_curve", "token_histogram"])
+alignment_report = stage_asset_def(BY_NAME["evaluate-alignment"], extra=_report_extra,
+                                   skip=["metric_table_md", "gate_reasons", "preference_accuracy_gain_ci"])
 promoted_adapter = stage_asset_def(BY_NAME["promote"],
                                    extra=lambda result: {"gate_reasons": _bullets(result.metrics.get("gate_reasons",
                                                                                                       []))},
                                    skip=["gate_reasons"])
 
-EVALUATION_ASSETS = [evaluation_report, promoted_adapter]
+EVALUATION_ASSETS = [evaluation_report, alignment_report, promoted_adapter]

@@ -133,7 +133,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
 
     from pipelines.chat import tokenize_conversation
     from pipelines.checkpoints import step_timer
-    from pipelines.train import peft_config
+    from pipelines.methods import peft_config
 
     base = params.path("base_model")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -156,7 +156,7 @@ def run_classic(conversations: list[list[dict[str, str]]], params: Any, env: Any
 
     cfg = params.train
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True),
-                           peft_config(cfg))
+                           peft_config(cfg, base))
     args = TrainingArguments(
         output_dir=str(OUT / "classic"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
         learning_rate=cfg.learning_rate, seed=cfg.seed, use_cpu=True, report_to=[], save_strategy="no",

@@ -2,9 +2,10 @@
 
     from pipelines.checkpoints import drop_incomplete, resume_point, run_fingerprint, training_lock
 
-Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params
-and the training code (`run_fingerprint`). A checkpoint is complete once its FINGERPRINT file is written
-(the trainer callback writes it last); a rerun resumes from the newest complete checkpoint of its run:
+Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the parent adapter
+(train.init_from), the train params, format.max_length and the training code (`run_fingerprint`). A checkpoint is
+complete once its FINGERPRINT file is written (the trainer callback writes it last); a rerun resumes from the
+newest complete checkpoint of its run:
 
 - one written for another run (its stored hash differs) is refused with one sentence;
 - one whose files do not load (`checkpoint_problem`: a truncated optimizer.pt after a full disk or a cut-off
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pipelines import methods
 from pipelines.base_model import model_hash
 from pipelines.config import Params
 from pipelines.io import StageError, read_json, sha256_file, write_json
@@ -54,8 +56,8 @@ _NOT_LOADED = {"training_args.bin"}
 
 
 def run_fingerprint(params: Params, stage: str = "train") -> dict[str, Any]:
-    """What a checkpoint belongs to: hashes of the splits, the base model, the train params and the training code
-    (the code files of `stage` in the manifest, pipelines/stages.py)."""
+    """What a checkpoint belongs to: hashes of the splits, the base model, the parent adapter (train.init_from), the
+    train params and the training code (the code files of `stage` in the manifest, pipelines/stages.py)."""
     splits, base = params.path("splits"), params.path("base_model")
     parts = {
         "train_split": sha256_file(splits / "train.jsonl"),
@@ -65,12 +67,19 @@ def run_fingerprint(params: Params, stage: str = "train") -> dict[str, Any]:
         "train_params": hashlib.sha256(json.dumps(params.train.model_dump(mode="json"), sort_keys=True).encode())
         .hexdigest(),
         "max_length": params.format.max_length,
+        # train.init_from: the parent's weights (its path and 'promoted' are in train_params; its content is here)
+        "parent_weights": _parent_weights(params),
         # the code that turns rows into batches and trains on them: a checkpoint of other code is not resumed
         "code": hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in BY_NAME[stage].code_files()))
         .hexdigest(),
     }
     run_hash = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return {"run_hash": run_hash, "parts": parts}
+
+
+def _parent_weights(params: Params) -> str | None:
+    parent = methods.parent_dir(params)
+    return methods.weights_sha256(parent) if parent is not None and parent.is_dir() else None
 
 
 def step_of(path: Path) -> int:

@@ -295,7 +295,8 @@ class CleanResult:
 _redact_cached = lru_cache(maxsize=1024)(redact)
 
 
-def _excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
+def excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
+    """A quarantine excerpt of a conversation: "role: content | ...", PII redacted when the rules redact it."""
     text = " | ".join(f"{m['role']}: {m['content']}" for m in messages)[: EXCERPT_CHARS * 2]
     if redact_pii:  # the quarantine must not leak what the kept rows had redacted
         text = redact(text)[0]
@@ -304,7 +305,7 @@ def _excerpt(messages: list[dict[str, str]], redact_pii: bool) -> str:
 
 def _quarantine(row: dict[str, Any], rule: str, reason: str, redact_pii: bool, **extra: Any) -> dict[str, Any]:
     return {"source": row["source"], "line": row["line"], "stage": STAGE, "rule": rule, "reason": reason,
-            "excerpt": _excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
+            "excerpt": excerpt(row["messages"], redact_pii), "id": row["id"], **extra}
 
 
 def _text_rules(cfg: CleanConfig, html: bool = True) -> list[tuple[str, Callable[[str], str]]]:
@@ -368,6 +369,35 @@ def _length_problem(messages: list[dict[str, str]], cfg: CleanConfig) -> tuple[s
     if total > cfg.max_chars:
         return "too_long", f"conversation has {total} characters, more than clean.max_chars = {cfg.max_chars}"
     return None
+
+
+@dataclass
+class CleanedMessages:
+    """One conversation after the per-row rules (see `clean_messages`)."""
+
+    messages: list[dict[str, Any]]
+    touched: list[str]  # the text rules that changed at least one message, in rule order
+    problem: tuple[str, str] | None  # (rule, reason) when a length limit removes the conversation
+    pii: Counter  # PII replacements per type (empty when redaction is off or the conversation is removed)
+
+
+def clean_messages(messages: list[dict[str, Any]], cfg: CleanConfig,
+                   rules: list[tuple[str, Callable[[str], str]]] | None = None) -> CleanedMessages:
+    """The per-row rules of this stage on one conversation, exactly as the clean stage applies them to a row (the
+    text rules, markup kept where it is the content, the length limits, PII redaction, pii_only): the
+    preference-data stage applies it to every side of a pair (prompt + chosen, prompt + rejected), so both
+    datasets see the same text. Input messages are not modified. (`rules` is accepted for compatibility; the
+    rules are always the stage's own for `cfg`.)"""
+    cleaner = _cleaner(cfg)
+    before = Counter(cleaner.pii)
+    row, problem, changed = cleaner._apply({"id": "", "source": "", "line": 0, "messages": messages})
+    return CleanedMessages(row["messages"], [r for r in changed if r != "pii"], problem, cleaner.pii - before)
+
+
+@lru_cache(maxsize=8)
+def _cleaner(cfg: CleanConfig) -> Cleaner:
+    """One Cleaner per config for clean_messages (its counters and samples are not used)."""
+    return Cleaner(cfg)
 
 
 Sink = Callable[[dict[str, Any]], Any]

@@ -60,6 +60,11 @@ class PathsConfig(_Section):
     promoted: str = Field("data/promoted", description="The adapter that passed the promotion gate.")
     merged: str = Field("data/merged", description="The promoted adapter merged into the base (plain HF folder).")
     gguf: str = Field("data/gguf", description="GGUF files of the merged model for llama.cpp/Ollama + Modelfile.")
+    preferences: str = Field("data/preferences", description="Preference pairs / labelled rows, split by prompt.")
+    aligned_adapter: str = Field("data/aligned_adapter", description="SFT adapter after preference tuning + run card.")
+    align_checkpoints: str = Field("data/align_checkpoints", description="Preference-tuning checkpoints (resume).")
+    alignment: str = Field("data/alignment", description="Alignment report: SFT vs aligned (HTML + Markdown + plots).")
+    alignment_metrics: str = Field("data/alignment_metrics.json", description="Alignment metrics and gate (DVC).")
 
     @field_validator("*")
     @classmethod
@@ -307,20 +312,166 @@ class LoraConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
-    """Hyperparameters of supervised fine-tuning (TRL SFTTrainer). The environment is the trainer resource's."""
+class AdaLoraSection(_Section):
+    """AdaLoRA (Zhang et al. 2023, arXiv:2303.10512): LoRA whose rank budget is pruned during training by
+    importance. Every adapted matrix starts at rank init_r; after tinit warm-up steps the total budget falls on a
+    cubic schedule, re-allocated every delta_t steps, to target_r per matrix on average, which the last tfinal steps
+    keep fixed. peft.AdaLoraConfig's own defaults, except alpha and target_modules (as train.lora)."""
 
-    method: Literal["lora", "dora", "qlora", "full"] = Field(
-        "lora", description="lora; dora (weight-decomposed LoRA); qlora (4-bit base, CUDA only); full fine-tuning."
+    init_r: int = Field(12, ge=1, description="Rank of every adapted matrix at the start.")
+    target_r: int = Field(8, ge=1, description="Average rank per matrix the budget is pruned to.")
+    tinit: int = Field(0, ge=0, description="Warm-up steps at full rank before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Last steps trained at the final budget (no more pruning).")
+    delta_t: int = Field(1, ge=1, description="Steps between two budget re-allocations (peft's deltaT).")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance (sensitivity) smoothing.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance uncertainty.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator, as LoRA's alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter branch (0: no mask, faster on CPU).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]."
     )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _budget_shrinks(self) -> AdaLoraSection:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r = {self.target_r} is above init_r = {self.init_r}; AdaLoRA only prunes the "
+                             "rank, so set target_r <= init_r")
+        return self
+
+
+class IA3Section(_Section):
+    """(IA)^3 (Liu et al. 2022, arXiv:2205.05638): learned vectors that rescale the keys, values and the
+    feed-forward input; ~0.01% of the parameters."""
+
+    target_modules: list[str] | None = Field(
+        None, description="Modules whose output (or, for feed-forward ones, input) is rescaled; None: peft's "
+        "default for the architecture (Llama: k_proj, v_proj, down_proj).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of target_modules are feed-forward (scaled on their input); None: peft's default.",
+    )
+
+    @model_validator(mode="after")
+    def _feedforward_in_targets(self) -> IA3Section:
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                raise ValueError("feedforward_modules is set but target_modules is not; list the target_modules "
+                                 "too (feedforward_modules must be among them)")
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                raise ValueError(f"feedforward_modules has {', '.join(extra)}, which is not in target_modules; every "
+                                 "feed-forward module must also be a target")
+        return self
+
+
+class PromptTuningSection(_Section):
+    """Prompt tuning (Lester et al. 2021, arXiv:2104.08691): trained embeddings of virtual tokens put before
+    every input; the model is untouched."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="Virtual tokens prepended to every input.")
+    init_text: str | None = Field(
+        None, description="Start the virtual tokens from this text's token embeddings (repeated or cut to "
+        "num_virtual_tokens), e.g. 'Classify the ticket and answer in JSON.'; None: random init.",
+    )
+
+    @field_validator("init_text")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty init_text has no tokens to start from; give a sentence or null")
+        return value
+
+
+class PrefixTuningSection(_Section):
+    """Prefix tuning (Li & Liang 2021, arXiv:2101.00190; P-Tuning v2 style): trained key/value prefixes in
+    every attention layer."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="Prefix length (key/value positions per layer).")
+    prefix_projection: bool = Field(
+        False, description="Produce the prefixes through a 2-layer MLP (the paper's reparametrisation: more "
+        "parameters while training, the same prefix at inference).",
+    )
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="Hidden size of that MLP; None: the model's hidden size. Only with prefix_projection.",
+    )
+
+    @model_validator(mode="after")
+    def _projection_size(self) -> PrefixTuningSection:
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("encoder_hidden_size is set but prefix_projection is false, so there is no MLP to size; "
+                             "set prefix_projection: true or remove encoder_hidden_size")
+        return self
+
+
+class PTuningSection(_Section):
+    """P-tuning (Liu et al. 2021, arXiv:2103.10385): virtual-token embeddings produced by a small prompt encoder
+    (MLP or LSTM) and prepended to every input."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="Virtual tokens prepended to every input.")
+    encoder_type: Literal["mlp", "lstm"] = Field("mlp", description="The prompt encoder (peft's reparameterization).")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="Its hidden size; None: the model's hidden size.")
+    encoder_num_layers: int = Field(2, ge=1, description="Its layers (an MLP in peft always has 2; used by lstm).")
+
+
+class FreezeSection(_Section):
+    """Freeze tuning: full-parameter training of the last N transformer blocks only, every earlier block and the
+    embeddings frozen (the guides' "freeze the early layers" recipe). Saves a whole model, like method full."""
+
+    last_n_blocks: int = Field(2, ge=1, description="Train the last N decoder blocks (all their weights).")
+    train_lm_head: bool = Field(
+        False, description="Train the LM head too. In models with tied embeddings (SmolLM2) that matrix is also the "
+        "input embedding, which then changes as well (the run card says so).",
+    )
+
+
+# The optimizers offered by name (transformers' TrainingArguments.optim); the bitsandbytes ones are checked on the
+# device by the preflight (pipelines.methods.optimizer_unsupported).
+Optimizer = Literal["adamw_torch", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit"]
+METHOD_SECTIONS = {  # method -> the section of train: it reads (None: none)
+    "lora": "lora", "dora": "lora", "qlora": "lora", "full": None, "adalora": "adalora", "ia3": "ia3",
+    "prompt_tuning": "prompt_tuning", "prefix_tuning": "prefix_tuning", "p_tuning": "p_tuning", "freeze": "freeze",
+}
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")  # methods that add virtual tokens
+
+
+class TrainConfig(_Section):
+    """Hyperparameters of supervised fine-tuning (TRL SFTTrainer). The environment is the trainer resource's.
+
+    Each method reads its own section (METHOD_SECTIONS); a section is optional (its defaults apply) and is refused
+    when another method is chosen, so a setting never silently does nothing. pipelines/methods.py builds them."""
+
+    method: Literal["lora", "dora", "qlora", "full", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+                    "freeze"] = Field(
+        "lora", description="lora; dora (weight-decomposed LoRA); qlora (4-bit base, CUDA only); full fine-tuning; "
+        "adalora (LoRA with a pruned rank budget); ia3 (learned rescaling vectors); prompt_tuning, prefix_tuning, "
+        "p_tuning (virtual tokens: prompt-learning methods, not mergeable into the model); freeze (the last N blocks).",
+    )
+    lora: LoraConfig | None = Field(None, description="lora, dora, qlora: rank, alpha, dropout, target modules.")
+    adalora: AdaLoraSection | None = Field(None, description="adalora: the rank budget schedule.")
+    ia3: IA3Section | None = Field(None, description="ia3: which modules are rescaled.")
+    prompt_tuning: PromptTuningSection | None = Field(None, description="prompt_tuning: virtual tokens, init text.")
+    prefix_tuning: PrefixTuningSection | None = Field(None, description="prefix_tuning: prefix length, projection.")
+    p_tuning: PTuningSection | None = Field(None, description="p_tuning: virtual tokens and their encoder.")
+    freeze: FreezeSection | None = Field(None, description="freeze: how many final blocks train, and the LM head.")
+    init_from: str | None = Field(
+        None, description="Continue from an existing adapter instead of a fresh one: 'promoted' (paths.promoted) or "
+        "a folder (relative to this file, or absolute). Its method must be train.method; its content hash is part "
+        "of the run hash and recorded in the run card. None: start fresh.",
+    )
     seed: int = Field(
         42, ge=0, le=2**32 - 1, description="Seed for weight init, data order and dropout (numpy: 0 to 2**32 - 1)."
+    )
+    optim: Optimizer = Field(
+        "adamw_torch", description="Optimizer (transformers' names): adamw_torch; adafactor (factored second "
+        "moments, less memory); sgd (no momentum: needs a far higher learning rate); the bitsandbytes ones "
+        "adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, lion_32bit, paged_lion_8bit, paged_lion_32bit "
+        "(refused by the preflight where bitsandbytes cannot run them; Lion wants ~3-10x smaller learning rates).",
     )
     learning_rate: float = Field(1e-3, gt=0, description="Peak LR; LoRA tolerates ~10x a full fine-tune's LR.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for linear warm-up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of the optimizer.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients at this norm; 0 disables clipping.")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
@@ -333,10 +484,65 @@ class TrainConfig(_Section):
     save_steps: int = Field(16, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
     early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
-    report_to: Literal["none", "tensorboard", "mlflow"] = Field(
-        "none", description="Experiment tracker; never on by accident. Its package must be installed "
-        "(checked by pipelines.preflight)."
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of scale "
+        "alpha / sqrt(length x hidden) on the input embeddings while training; the paper uses 5. None: off.",
     )
+    torch_compile: bool = Field(
+        False, description="Compile the model with torch.compile (inductor). The first steps pay the compile time "
+        "(minutes on CPU); it pays off only on long runs.",
+    )
+    padding_free: bool = Field(
+        False, description="Flatten each batch into one row with restarting position ids instead of padding it "
+        "(TRL's padding-free collator). Exact on CPU with sdpa attention (tests/test_methods.py); it computes "
+        "attention over the whole flattened batch, so with length-grouped batches it is no faster here (README). "
+        "Not with prompt-learning methods.",
+    )
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Experiment tracker; never on by accident. wandb runs offline (WANDB_MODE=offline) "
+        "unless WANDB_MODE is set; its key comes only from the environment (WANDB_API_KEY).",
+    )
+
+    @model_validator(mode="after")
+    def _sections_match_the_method(self) -> TrainConfig:
+        reads = METHOD_SECTIONS[self.method]
+        for section in dict.fromkeys(METHOD_SECTIONS.values()):
+            if section is None or section == reads or getattr(self, section) is None:
+                continue
+            users = ", ".join(m for m, s in METHOD_SECTIONS.items() if s == section)
+            raise ValueError(
+                f"train.{section} is set but train.method = {self.method!r} does not read it (only {users} do); "
+                f"remove train.{section} (or set it to null) or change train.method"
+            )
+        if self.padding_free and self.method in PROMPT_LEARNING:
+            raise ValueError(f"train.padding_free cannot be used with train.method = {self.method!r}: its virtual "
+                             "tokens are prepended to each row, and a padding-free batch is one flattened row; set "
+                             "padding_free: false")
+        if self.padding_free and self.neftune_alpha is not None:
+            raise ValueError("train.neftune_alpha cannot be used with train.padding_free: NEFTune scales its noise by "
+                             "the batch's sequence length, which a padding-free batch (one flattened row) changes; "
+                             "turn one of them off")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("train.init_from is empty; give 'promoted', a folder, or null")
+        if self.init_from is not None and self.method == "adalora":
+            raise ValueError("train.init_from cannot continue an AdaLoRA adapter: its rank budget schedule starts "
+                             "from init_r and cannot restart from already pruned ranks; remove init_from")
+        if self.method == "adalora" and self.max_steps > 0:
+            section = self.section()
+            if section.tinit + section.tfinal >= self.max_steps:
+                raise ValueError(
+                    f"train.adalora.tinit + tfinal = {section.tinit} + {section.tfinal} leaves no steps of "
+                    f"train.max_steps = {self.max_steps} to prune the rank budget in; lower tinit or tfinal"
+                )
+        return self
+
+    def section(self) -> Any:
+        """The settings of the chosen method: its section as written, or that section's defaults (None: full)."""
+        name = METHOD_SECTIONS[self.method]
+        if name is None:
+            return None
+        value = getattr(self, name)
+        return value if value is not None else type(self).model_fields[name].annotation.__args__[0]()
 
     @field_validator("max_steps")
     @classmethod
@@ -439,6 +645,107 @@ class ExportConfig(_Section):
         return self
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # trl DPOConfig.loss_type
+LOSSES = {"dpo": DPO_LOSSES, "kto": ("kto", "apo_zero_unpaired"), "orpo": ("orpo",), "simpo": ("simpo",),
+          "none": ("none",)}
+DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "none": "none"}
+
+
+class AlignGateConfig(_Section):
+    """When the aligned adapter may replace the SFT one (pipelines.evaluate_alignment.alignment_gate)."""
+
+    min_preference_gain: float = Field(
+        0.0, ge=0, le=1,
+        description="The aligned model must rank chosen above rejected on at least this much larger a share of the "
+        "held-out pairs than the SFT model, and the lower end of the paired bootstrap interval of that gain must lie "
+        "above 0 (a lucky small test set does not pass).",
+    )
+    max_task_drop: float = Field(
+        0.02, ge=0,
+        description="evaluate.primary_metric of the aligned model on the SFT test split may be at most this much "
+        "worse than the SFT model's (alignment must not undo what SFT learned).",
+    )
+    max_forgetting: float = Field(
+        0.1, ge=0, description="Allowed rise of the probe-set loss (nats/token) from the SFT to the aligned model."
+    )
+
+
+class AlignConfig(_Section):
+    """Preference tuning after SFT (TRL DPOTrainer / KTOTrainer; ORPO and SimPO from trl.experimental).
+
+    It continues the SFT adapter (paths.adapter); with DPO and KTO the reference model is the SFT model."""
+
+    method: Literal["dpo", "kto", "orpo", "simpo", "none"] = Field(
+        "dpo",
+        description="dpo: pairs (chosen vs rejected) against the SFT model as reference; kto: unpaired desirable / "
+        "undesirable rows (pairs are split into one of each); orpo, simpo: reference-free pair losses "
+        "(trl.experimental); none: no preference tuning, the SFT adapter is the final one.",
+    )
+    loss_type: str | None = Field(
+        None,
+        description="dpo: one of TRL's DPO losses (sigmoid = the DPO paper, ipo, hinge, robust, ...); kto: kto or "
+        "apo_zero_unpaired. Empty: the method's own loss (sigmoid for dpo, kto for kto).",
+    )
+    beta: float = Field(
+        0.1, gt=0,
+        description="Strength of the tie to the reference: higher keeps the aligned model closer to SFT (DPO/KTO "
+        "beta; ORPO's lambda and SimPO's beta). The implicit reward is beta * log(pi / pi_ref).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (gamma); simpo only.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable rows (balance the two kinds).")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
+    seed: int = Field(42, ge=0, description="Seed for data order (seeded per epoch, so a resume replays it).")
+    learning_rate: float = Field(
+        5e-5, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
+        "fine-tuning); LoRA takes ~10x a full fine-tune's."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients at this norm; 0 disables clipping.")
+    batch_size: int = Field(
+        8, ge=2, description="Pairs (kto: rows) per device per step; KTO estimates its KL term within a batch, so >= 2."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
+    eval_steps: int = Field(25, ge=1, description="Evaluate on the validation pairs every N steps.")
+    save_steps: int = Field(25, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
+    early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
+    logging_steps: int = Field(5, ge=1, description="Log loss and rewards every N steps.")
+    report_to: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="Experiment tracker; never on by accident."
+    )
+    max_eval_pairs: int | None = Field(
+        None, ge=1, description="Evaluate at most this many held-out pairs (None: all of the test split)."
+    )
+    gate: AlignGateConfig = Field(default_factory=AlignGateConfig)
+
+    @model_validator(mode="after")
+    def _loss_of_the_method(self) -> AlignConfig:
+        allowed = LOSSES[self.method]
+        if self.loss_type is not None and self.loss_type not in allowed:
+            raise ValueError(f"align.loss_type = {self.loss_type!r} is not a loss of align.method = "
+                             f"{self.method!r}; use one of {', '.join(allowed)} (or leave it empty)")
+        return self
+
+
+
+# The align keys that change what is trained: the align stage reads these (and its checkpoints are keyed on them);
+# the gate and max_eval_pairs only change the evaluation, so editing them does not retrain.
+ALIGN_TRAINING_KEYS = (
+    "method", "loss_type", "beta", "simpo_gamma", "desirable_weight", "undesirable_weight", "seed", "learning_rate",
+    "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
+    "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience", "logging_steps", "report_to",
+)
+
+
+def align_loss(cfg: AlignConfig) -> str:
+    """The loss that is trained: align.loss_type, or the method's own."""
+    return cfg.loss_type or DEFAULT_LOSS[cfg.method]
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -450,6 +757,7 @@ class Params(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     # Folder paths are relative to; set by load_params, not read from the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -511,7 +819,9 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
         section: type[BaseModel] = Params
         for part in parent:
             field = section.model_fields.get(str(part))
-            section = field.annotation if field and isinstance(field.annotation, type) else section
+            # a section typed `X | None` (the optional method sections of train:) is X here
+            kinds = (field.annotation, *getattr(field.annotation, "__args__", ())) if field else ()
+            section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), section)
         allowed = ", ".join(k for k in section.model_fields if k not in ("root", "file"))
         return f"unknown key '{loc}'; allowed keys here: {allowed}"
     key, value = _key_of(tuple(error["loc"]), raw)

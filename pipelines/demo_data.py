@@ -9,6 +9,12 @@ always, so the label is learnable. The files are deliberately messy so every cle
 HTML, e-mails, phone numbers, Luhn-valid card numbers, IPv4 addresses, API keys, exact and near
 duplicates, full-width / non-breaking / zero-width characters, too-short and too-long rows and ~1%
 malformed JSONL.
+
+A fourth file, tickets_preferences.jsonl, holds preference pairs for the same task on other tickets (TRL's
+conversational format: prompt, chosen, rejected): chosen is the right answer, rejected a realistic mistake
+(MISTAKES: the neighbouring priority, a confusable category, prose or fenced JSON instead of bare JSON), so that
+preference tuning has something measurable to fix on top of SFT. A few pairs are broken on purpose (identical
+sides, an empty side, no prompt) for the preference-data stage's quarantine.
 Same seed, same bytes.
 """
 
@@ -32,6 +38,7 @@ SYSTEM = (
 CATEGORIES = ("billing", "account", "bug", "shipping", "feature_request")
 PRIORITIES = ("low", "medium", "high", "urgent")
 FILES = ("tickets_helpdesk.jsonl", "tickets_legacy.csv", "tickets_export.json")
+PREFERENCE_FILE = "tickets_preferences.jsonl"
 
 # (subject, problem sentence) templates per category; {slots} are filled from FILLERS.
 PROBLEMS: dict[str, list[tuple[str, str]]] = {
@@ -344,10 +351,70 @@ def render_files(seed: int = 0, n_unique: int = 1080) -> dict[str, str]:
     return {"tickets_helpdesk.jsonl": jsonl, "tickets_legacy.csv": buf.getvalue(), "tickets_export.json": array}
 
 
+# --- preference pairs --------------------------------------------------------------------------------
+
+# The mistakes a triage model makes, and how often a rejected answer shows each (they sum to 1). Priority dominates
+# because it does for the demo's SFT model: 21 of its 25 errors on the SFT test split were a wrong priority (the
+# urgency cue misread), 3 a wrong category, none invalid JSON; pairs against prose or fenced JSON teach the format.
+MISTAKES = {"priority": 0.75, "category": 0.15, "prose": 0.05, "fenced": 0.05}
+NEIGHBOURS = {"low": ["medium"], "medium": ["low", "high"], "high": ["medium", "urgent"], "urgent": ["high"]}
+# Categories a reader mixes up: a login that "does not work" reads like a bug, a missing feature like a bug, ...
+CONFUSABLE = {"billing": ["account", "shipping"], "account": ["bug", "billing"], "bug": ["feature_request", "account"],
+              "shipping": ["billing", "bug"], "feature_request": ["bug"]}
+PROSE = ["This looks like a {category} issue with {priority} priority.",
+         "Category: {category}. Priority: {priority}.",
+         "I would file this under {category} and treat it as {priority} priority.",
+         "The customer has a {category} problem; priority {priority}."]
+N_PREFERENCE_PROMPTS = 720  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
+
+
+def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:
+    """A wrong answer to ticket `t` of the given kind of mistake (see MISTAKES)."""
+    if mistake == "priority":
+        return answer(t.category, rng.choice(NEIGHBOURS[t.priority]))
+    if mistake == "category":
+        wrong = rng.choice(CONFUSABLE[t.category])
+        priority = "high" if wrong == "feature_request" and t.priority == "urgent" else t.priority
+        return answer(wrong, priority)
+    if mistake == "prose":
+        return rng.choice(PROSE).format(category=t.category.replace("_", " "), priority=t.priority)
+    return f"```json\n{t.answer}\n```"  # fenced: right values, but not the bare JSON the system prompt asks for
+
+
+def preference_rows(seed: int = 0, n_prompts: int = N_PREFERENCE_PROMPTS) -> list[dict]:
+    """One pair per fresh ticket (ids T-2xxxx, drawn from their own seeded stream), plus four broken pairs."""
+    rng = random.Random(seed + 17)
+    rows = []
+    for i in range(n_prompts):
+        t = make_ticket(rng, f"T-{20_000 + i}")
+        if rng.random() < 0.08:
+            t = _as_html(t, rng)
+        elif rng.random() < 0.05:
+            t = _unicode_oddities(t, rng)
+        mistake = rng.choices(list(MISTAKES), weights=list(MISTAKES.values()))[0]
+        prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t.text}]
+        rows.append({"ticket_id": t.ticket_id, "mistake": mistake, "prompt": prompt,
+                     "chosen": [{"role": "assistant", "content": t.answer}],
+                     "rejected": [{"role": "assistant", "content": rejected_answer(t, mistake, rng)}]})
+    broken = [dict(rows[k]) for k in (3, 50, 100, 150)]
+    broken[0]["rejected"] = broken[0]["chosen"]  # identical sides
+    broken[1]["rejected"] = broken[1]["chosen"]
+    broken[2]["rejected"] = [{"role": "assistant", "content": ""}]  # an empty side
+    broken[3] = {k: v for k, v in broken[3].items() if k != "prompt"}  # no prompt
+    for row in broken:
+        rows.insert(rng.randint(0, len(rows)), {**row, "ticket_id": row["ticket_id"] + "-broken"})
+    return rows
+
+
+def render_preference_file(seed: int = 0) -> str:
+    """The preference pairs as JSONL (tickets_preferences.jsonl), deterministic for a seed."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in preference_rows(seed))
+
+
 def write(out: str | Path, seed: int = 0) -> list[Path]:
     out = Path(out)
     paths = []
-    for name, content in render_files(seed).items():
+    for name, content in {**render_files(seed), PREFERENCE_FILE: render_preference_file(seed)}.items():
         with atomic_open(out / name, "wb") as fh:  # bytes: the CSV's CRLF record ends are kept as written
             fh.write(content.encode("utf-8"))
         paths.append(out / name)

@@ -50,6 +50,7 @@ from pipelines.io import (
     sha256_tree,
     write_json,
 )
+from pipelines.methods import saves_full_model
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
 from pipelines.schemas import SplitSchema, conversation_problem, describe_failures, trained, validate
 from pipelines.train_env import TrainEnv
@@ -299,6 +300,8 @@ def completion_nll(model: Any, tokenizer: Any, conversations: Sequence[Tokenized
         kwargs = {"logits_to_keep": ids.shape[1] - first} if keep_tail and first > 0 else {}
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits  # (batch, kept, vocab)
+        # prompt-tuning / p-tuning adapters prepend their virtual tokens' positions: keep the rows' own
+        logits = logits[:, -ids.shape[1]:]
         logits = logits[:, :-1] if kwargs else logits[:, first:-1]  # positions first .. seq-2
         targets, scored = targets[:, first:], scored[:, first:]
         token_nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
@@ -493,7 +496,7 @@ def _token_histogram(params: Params) -> tuple[dict[str, list[float]] | None, str
 
 
 def _is_full_model(params: Params, adapter_dir: Path) -> bool:
-    if params.train.method == "full":
+    if saves_full_model(params.train.method):  # full, freeze
         return True
     return not (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "config.json").exists()
 

@@ -104,8 +104,9 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal(
         "padding_collator", "trl", "trl.trainer.sft_trainer:DataCollatorForLanguageModeling",
-        "TRL's padding collator for pre-tokenised rows (input_ids + labels), wrapped by the counting collator",
-        _parameters("pad_token_id"),
+        "TRL's padding collator for pre-tokenised rows (input_ids + labels), wrapped by the counting collator; its "
+        "padding_free mode (one flattened row, restarting position ids, no attention mask) for train.padding_free",
+        _parameters("pad_token_id", "padding_free"),
     ),
     Internal(
         "length_grouped_sampler", "transformers", "transformers.trainer_pt_utils:LengthGroupedSampler",

@@ -50,9 +50,10 @@ Conversation shape. Turns after the last assistant message (the user's next ques
 trimmed and the row is kept (counted as trailing_turns_trimmed); a conversation that opens with an
 assistant greeting is kept, and the format stage decides whether the chat template can render it.
 
-Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) belong to a preference-tuning
-stage and are quarantined as `unsupported_format`; KTO rows with `label: false` are excluded as
-`undesirable_example`. Neither counts as malformed. Nothing bad crashes the stage or costs a good
+Every other field goes to `meta`. Preference pairs (`chosen`/`rejected`) are read by the preference-data
+stage (pipelines/preferences.py), not SFT: they are set aside here as `preference_pair`; KTO rows with
+`label: false` are excluded as `undesirable_example` (the preference-data stage reads them as undesirable
+rows). Neither counts as malformed. Nothing bad crashes the stage or costs a good
 row: each bad line is quarantined with its file, line, reason and an excerpt (PII and secrets redacted
 when clean.redact_pii is on, as the data will be), and a file that cannot be read at all gets one
 sentence in the report; each change made to a kept row is counted in the report's `changes` (CHANGES).
@@ -87,7 +88,8 @@ EXCERPT_CHARS = 200
 CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds memory on big inputs)
 
 # Rules that remove a row without it being broken: they never count toward data.max_bad_fraction.
-NOT_MALFORMED = frozenset({"unsupported_format", "undesirable_example", "all_turns_weight_zero", "repeated_header"})
+NOT_MALFORMED = frozenset({"unsupported_format", "preference_pair", "undesirable_example", "all_turns_weight_zero",
+                           "repeated_header"})
 # Changes made to rows that are kept, counted per row in the report (report["changes"]).
 CHANGES = {
     "value_as_text": "numbers, booleans or (tool results) objects in text fields were written as their JSON text",
@@ -141,8 +143,9 @@ class _Invalid(Exception):
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:
-    """The row format of `obj` from its keys, 'preference' for chosen/rejected pairs, None if unknown."""
-    if "chosen" in obj and "rejected" in obj:
+    """The row format of `obj` from its keys, 'preference' for chosen/rejected pairs (even with a side missing:
+    the preference-data stage reports that), None if unknown."""
+    if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "messages" in obj:
         return "messages"
@@ -168,8 +171,8 @@ def normalise_row(
     detected = detect_format(obj)
     if detected == "preference":
         return None, Rejection(
-            "row is a preference pair (chosen/rejected); preference pairs belong to a preference-tuning stage "
-            "(DPO/ORPO), not SFT", "unsupported_format")
+            "row is a preference pair (chosen/rejected): the preference-data stage reads it (python -m pipelines "
+            "preference-data), not SFT", "preference_pair")
     if fmt != "auto":
         if any(k not in obj for k in _REQUIRED[fmt]):
             return None, Rejection(
@@ -979,13 +982,13 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileRe
     except OSError as exc:  # unreadable (permissions, vanished, I/O error): say so, keep what was read
         notes.append(f"could not be read after {_rows(report.rows_read)} ({exc.strerror or exc}); check the file")
     report.messages += [f"{source}: {note}" for note in notes]
-    if n := report.rules["unsupported_format"]:
+    if n := report.rules["preference_pair"]:
         report.messages.append(
-            f"{source}: {_rows(n)} of preference pairs (chosen/rejected); preference pairs belong to a "
-            "preference-tuning stage (DPO/ORPO), not SFT, so they were quarantined as unsupported_format")
+            f"{source}: {_rows(n)} of preference pairs (chosen/rejected) are read by the preference-data stage, not "
+            "SFT (set aside here as preference_pair)")
     if n := report.rules["undesirable_example"]:
         report.messages.append(f"{source}: {_rows(n)} labelled false (undesirable examples) excluded; SFT "
-                               "must not learn from examples marked bad")
+                               "must not learn from examples marked bad (the preference-data stage reads them)")
     if n := report.rules["all_turns_weight_zero"]:
         report.messages.append(f"{source}: {_rows(n)} with weight 0 on every assistant turn excluded as "
                                "all_turns_weight_zero; such a row has nothing to train on")

@@ -269,3 +269,94 @@ def gate(metrics: dict[str, Any], cfg: Any) -> tuple[bool, list[str]]:
                        f"{'pass' if within else 'FAIL'}.")
         ok = ok and within
     return ok, reasons
+
+
+# ----------------------------------------------------------------------------------------------- alignment
+
+
+def preference_scores(sft_margins: Sequence[float], aligned_margins: Sequence[float], beta: float, *,
+                      samples: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
+    """Held-out preference metrics of the SFT and the aligned model from their per-pair log-likelihood margins.
+
+    A model's margin on a pair is m = log p(chosen | prompt) - log p(rejected | prompt), in nats summed over the
+    answer tokens. Per model: accuracy = share of pairs with m > 0 (the model ranks the chosen answer first; a tie
+    is not a win) and the mean margin. The aligned model's implicit reward against its reference, the SFT model,
+    is r(x, y) = beta * log(p_aligned(y | x) / p_sft(y | x)) (Rafailov et al. 2023, eq. 5), so its reward margin on a
+    pair is beta * (m_aligned - m_sft): `implicit_reward` holds the share of pairs where it is positive and its mean,
+    i.e. TRL's rewards/accuracies and rewards/margins on held-out pairs. (The SFT model's implicit reward against
+    itself is 0 on every pair, which is why the two models are compared on the likelihood ranking.) Intervals are
+    percentile bootstraps; the deltas resample the same pairs for both models (paired_bootstrap_ci)."""
+    sft, aligned = np.asarray(sft_margins, dtype=float), np.asarray(aligned_margins, dtype=float)
+    kw = {"samples": samples, "confidence": confidence}
+    cols = {"accuracy": ((sft > 0).astype(float), (aligned > 0).astype(float)), "margin": (sft, aligned)}
+    out: dict[str, Any] = {"n_pairs": int(sft.size), "confidence": confidence, "sft": {}, "aligned": {}, "delta": {},
+                           "ci": {"sft": {}, "aligned": {}, "delta": {}}}
+    for name, (a, b) in cols.items():
+        out["sft"][name], out["aligned"][name] = float(a.mean()), float(b.mean())
+        out["delta"][name] = out["aligned"][name] - out["sft"][name]
+        out["ci"]["sft"][name] = bootstrap_ci(a, **kw).as_dict()
+        out["ci"]["aligned"][name] = bootstrap_ci(b, **kw).as_dict()
+        out["ci"]["delta"][name] = paired_bootstrap_ci(a, b, **kw).as_dict()
+    reward = beta * (aligned - sft)
+    out["implicit_reward"] = {
+        "beta": beta, "accuracy": float((reward > 0).mean()), "margin": float(reward.mean()),
+        "ci": {"accuracy": bootstrap_ci((reward > 0).astype(float), **kw).as_dict(),
+               "margin": bootstrap_ci(reward, **kw).as_dict()},
+    }
+    return out
+
+
+def alignment_gate(metrics: dict[str, Any], cfg: Any, primary_metric: str) -> tuple[bool, list[str]]:
+    """May the aligned adapter replace the SFT one? One sentence per criterion, each with its numbers.
+
+    Passes when (1) the aligned model's held-out preference accuracy beats the SFT model's by at least
+    `cfg.min_preference_gain` and the lower end of the paired bootstrap interval of that gain is above 0, (2) on
+    `primary_metric` over the SFT test split the aligned model is at most `cfg.max_task_drop` worse than the SFT
+    model (point estimate; for loss/perplexity worse is higher), and (3) the probe-set loss rose from SFT to aligned
+    by at most `cfg.max_forgetting` nats/token. `cfg` is an AlignGateConfig; `metrics` the content of
+    alignment_metrics.json (pipelines.evaluate_alignment). Missing evidence fails."""
+    reasons: list[str] = []
+    ok = True
+    pref = metrics.get("preference") or {}
+    gain, ci = pref.get("delta", {}).get("accuracy"), pref.get("ci", {}).get("delta", {}).get("accuracy")
+    if gain is None or ci is None or any(v is None or math.isnan(v) for v in (gain, *ci.values())):
+        reasons.append("preference accuracy: no held-out pairs were measured; FAIL.")
+        ok = False
+    else:
+        enough = gain >= cfg.min_preference_gain - FLOAT_SLACK
+        sure = ci["low"] > 0
+        level = pref.get("confidence", 0.95)
+        reasons.append(f"preference accuracy: aligned {pref['aligned']['accuracy']:.4f} vs SFT "
+                       f"{pref['sft']['accuracy']:.4f} on {pref.get('n_pairs')} held-out pairs, gain {gain:+.4f} "
+                       f"{'>=' if enough else '<'} the required {cfg.min_preference_gain:+.4f}; "
+                       f"{'pass' if enough else 'FAIL'}.")
+        reasons.append(f"preference accuracy: {level:.0%} interval of the gain {_fmt_ci(ci)} "
+                       f"{'lies above' if sure else 'does not lie above'} 0; {'pass' if sure else 'FAIL'}.")
+        ok = ok and enough and sure
+    task = metrics.get("task") or {}
+    if primary_metric not in task.get("sft", {}) or primary_metric not in task.get("aligned", {}):
+        reasons.append(f"task: '{primary_metric}' was not measured on the SFT test split; FAIL.")
+        ok = False
+    else:
+        sign = 1.0 if HIGHER_IS_BETTER.get(primary_metric, True) else -1.0
+        sft, aligned = task["sft"][primary_metric], task["aligned"][primary_metric]
+        drop = sign * (sft - aligned)
+        within = drop <= cfg.max_task_drop + FLOAT_SLACK
+        reasons.append(f"task: {primary_metric} aligned {aligned:.4f} vs SFT {sft:.4f} on {task.get('n_test')} test "
+                       f"rows, a drop of {drop:+.4f}, {'within' if within else 'over'} the allowed "
+                       f"{cfg.max_task_drop:.4f}; {'pass' if within else 'FAIL'}.")
+        ok = ok and within
+    forgetting = task.get("forgetting")
+    if forgetting is None or math.isnan(forgetting):
+        reasons.append("forgetting: no probe-set loss was measured; FAIL.")
+        ok = False
+    else:
+        within = forgetting <= cfg.max_forgetting
+        probe = task.get("probe", {})
+        detail = (f" (SFT {probe['sft_loss']:.4f} -> aligned {probe['aligned_loss']:.4f})"
+                  if {"sft_loss", "aligned_loss"} <= probe.keys() else "")
+        reasons.append(f"forgetting: probe-set loss changed by {forgetting:+.4f} nats/token{detail}, "
+                       f"{'within' if within else 'over'} the bound {cfg.max_forgetting:.4f}; "
+                       f"{'pass' if within else 'FAIL'}.")
+        ok = ok and within
+    return ok, reasons

@@ -8,11 +8,12 @@ it cannot see without the model is checked here, from config.json alone (weights
 module tree is built on the meta device, which allocates no memory):
 
     model.trust_remote_code   the model folder ships its own code (auto_map) but running it is not allowed
-    format.max_length         above the model's context window (max_position_embeddings)
-    train.method              qlora needs 4-bit bitsandbytes kernels on this device
-    train.lora.target_modules a name that is no module of the model, or a module LoRA cannot adapt
-    train.report_to           the experiment tracker's package is not installed (transformers would fail
-                              when the trainer is built, after the model was loaded)
+    format.max_length         above the model's context window (max_position_embeddings), virtual tokens included
+    train.method              qlora needs 4-bit bitsandbytes kernels on this device; freeze.last_n_blocks <= blocks
+    train.optim, report_to    a bitsandbytes optimizer this device cannot run; a tracker that is not installed;
+    train.torch_compile       no C++ compiler for inductor's CPU kernels
+    train.init_from           the parent folder exists and holds an adapter of train.method (pipelines.methods)
+    train.<method>.target_modules  a name that is no module of the model, or a module the method cannot adapt
 
 Each failure is a ConfigError with one sentence naming the key, the value, what is allowed and the fix.
 A missing model folder is not a config error: the stage itself says which stage makes it.
@@ -26,18 +27,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pipelines import methods
 from pipelines.config import ConfigError, Params
 
 # Which checks each stage needs; None (no stage) runs all of them.
 _STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "fetch-model": ("remote_code",),
     "format": ("remote_code", "max_length"),
-    "train": ("remote_code", "max_length", "method", "target_modules", "report_to"),
+    "train": ("remote_code", "max_length", "method", "options", "init_from", "target_modules"),
     "evaluate": ("remote_code",),
 }
-_ALL = ("remote_code", "max_length", "method", "target_modules", "report_to")
-# train.report_to -> the package transformers' integration imports for it
-_TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow")}
+_ALL = ("remote_code", "max_length", "method", "options", "init_from", "target_modules")
 # Config attributes that hold the context window, by model family (Llama/Qwen/Mistral, GPT-2, MPT, ChatGLM).
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -49,8 +49,10 @@ def preflight(params: Params, stage: str | None = None) -> None:
     checks = _STAGE_CHECKS[stage] if stage else _ALL
     if "method" in checks:
         _check_method(params)
-    if "report_to" in checks:
-        _check_report_to(params)
+    if "options" in checks:
+        _check_options(params)
+    if "init_from" in checks:
+        methods.check_parent(params)
     folder = params.path("base_model")
     if not (folder / "config.json").is_file():
         return
@@ -58,8 +60,10 @@ def preflight(params: Params, stage: str | None = None) -> None:
     if "remote_code" in checks:
         _check_remote_code(params, folder, config)
     if "max_length" in checks:
-        _check_max_length(params, folder, config)
-    if "target_modules" in checks and params.train.method != "full":
+        _check_max_length(params, folder, config, stage)
+    if "method" in checks:
+        _check_blocks(params, folder, config)
+    if "target_modules" in checks:
         _check_target_modules(params, folder)
 
 
@@ -71,27 +75,48 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_options(params: Params) -> None:
+    cfg = params.train
+    missing = methods.tracker_missing(cfg.report_to)
+    if missing:
+        raise ConfigError(missing)
+    device = _device()
+    reason = methods.optimizer_unsupported(cfg.optim, device)
+    if reason:
+        raise ConfigError(f"train.optim = {cfg.optim!r} cannot run on {device} here ({reason}); use adamw_torch, "
+                          "adafactor or sgd, or a machine where bitsandbytes supports it")
+    reason = methods.compile_unsupported(device) if cfg.torch_compile else None
+    if reason:
+        raise ConfigError(f"train.torch_compile = true cannot work on {device} here: {reason}; install one "
+                          "(apt-get install g++) or set train.torch_compile: false")
+
+
+def _check_blocks(params: Params, folder: Path, config: dict[str, Any]) -> None:
+    if params.train.method != "freeze":
+        return
+    blocks = _text_config(config).get("num_hidden_layers")
+    wanted = params.train.section().last_n_blocks
+    if isinstance(blocks, int) and wanted > blocks:
+        raise ConfigError(f"train.freeze.last_n_blocks = {wanted} but the base model in '{folder}' has {blocks} "
+                          f"blocks (num_hidden_layers); set it to at most {blocks}, or use train.method: full")
+
+
 def _check_method(params: Params) -> None:
     if params.train.method != "qlora":
         return
-    import torch
-
     from pipelines.train_env import four_bit_unsupported
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     reason = four_bit_unsupported(device)
     if reason:
         raise ConfigError(f"train.method = 'qlora' needs 4-bit bitsandbytes kernels, which do not run on {device} "
                           f"here ({reason}); use train.method: lora (or dora)")
-
-
-def _check_report_to(params: Params) -> None:
-    import importlib.util
-
-    tracker = params.train.report_to
-    if tracker in _TRACKERS and importlib.util.find_spec(_TRACKERS[tracker][0]) is None:
-        raise ConfigError(f"train.report_to = '{tracker}' needs the Python package '{_TRACKERS[tracker][0]}', which "
-                          f"is not installed; {_TRACKERS[tracker][1]}, or set train.report_to: none")
 
 
 def _check_remote_code(params: Params, folder: Path, config: dict[str, Any]) -> None:
@@ -124,12 +149,20 @@ def context_window(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _check_max_length(params: Params, folder: Path, config: dict[str, Any]) -> None:
+def _check_max_length(params: Params, folder: Path, config: dict[str, Any], stage: str | None) -> None:
     limit = context_window(config)
     if limit is not None and params.format.max_length > limit:
         raise ConfigError(
             f"format.max_length = {params.format.max_length} is above the base model's context window of {limit} "
             f"tokens ({folder.name}/config.json); set format.max_length to at most {limit}"
+        )
+    # prompt-learning methods put their virtual tokens (or key/value prefixes) in front of every row
+    extra = methods.virtual_tokens(params.train) if stage in ("train", None) else 0
+    if limit is not None and extra and params.format.max_length + extra > limit:
+        raise ConfigError(
+            f"train.{params.train.method}.num_virtual_tokens = {extra} plus format.max_length = "
+            f"{params.format.max_length} is above the base model's context window of {limit} tokens "
+            f"({folder.name}/config.json); lower one so that they sum to at most {limit}"
         )
 
 
@@ -155,7 +188,10 @@ def _modules(folder: str, mtime_ns: int, trust_remote_code: bool) -> tuple[tuple
 
 
 def _check_target_modules(params: Params, folder: Path) -> None:
-    targets = params.train.lora.target_modules
+    found = methods.target_modules(params.train)
+    if found is None:
+        return
+    key, targets = found
     if targets == "all-linear":
         return
     modules = _modules(str(folder), (folder / "config.json").stat().st_mtime_ns, params.model.trust_remote_code)
@@ -163,17 +199,18 @@ def _check_target_modules(params: Params, folder: Path) -> None:
     hint = f"its adaptable layers are {', '.join(layers)}; fix the name or use all-linear"
     if isinstance(targets, str):  # peft treats a single string other than all-linear as a regex on full names
         if not any(ok and re.fullmatch(targets, name) for name, _, ok in modules):
-            raise ConfigError(f"train.lora.target_modules = {targets!r} (a regular expression) matches no adaptable "
+            raise ConfigError(f"{key} = {targets!r} (a regular expression) matches no adaptable "
                               f"layer of the base model in '{folder}'; {hint}")
         return
     for target in targets:
         # peft's rule: a target names a module whose qualified name equals it or ends with '.<target>'
         matched = [(cls, ok) for name, cls, ok in modules if name == target or name.endswith(f".{target}")]
         if not matched:
-            raise ConfigError(f"train.lora.target_modules has {target!r}, which is no module of the base model in "
+            raise ConfigError(f"{key} has {target!r}, which is no module of the base model in "
                               f"'{folder}'; {hint}")
         if not any(ok for _, ok in matched):
-            raise ConfigError(f"train.lora.target_modules has {target!r}, a {matched[0][0]} that LoRA cannot adapt (it "
+            kind = "IA3" if params.train.method == "ia3" else "LoRA"
+            raise ConfigError(f"{key} has {target!r}, a {matched[0][0]} that {kind} cannot adapt (it "
                               f"wraps Linear, Embedding and Conv layers); {hint}")
 
 

@@ -335,3 +335,198 @@ def render_html(ctx: ReportContext, images: dict[str, bytes]) -> str:
             parts += [f"<h2>{_e(title)}</h2>", _table(EXAMPLE_HEADER, [_example_cells(r) for r in records], pre=True)]
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- alignment
+# The alignment report (pipelines.evaluate_alignment): SFT vs aligned, on held-out preference pairs and on the SFT
+# test split. It reuses the table, CSS and plot helpers above; only the sections differ.
+
+ALIGN_CAPTIONS = {"reward_margins.png": "Reward margin during preference tuning",
+                  "preference.png": "Held-out preference accuracy, SFT vs aligned"}
+PAIR_HEADER = ["prompt (last turn)", "chosen", "rejected", "SFT output", "aligned output",
+               "margin SFT / aligned (nats)"]
+
+
+@dataclass
+class AlignmentContext:
+    metrics: dict[str, Any]  # the content of alignment_metrics.json
+    pairs: list[dict[str, Any]] = field(default_factory=list)  # held-out pairs with both models' generations
+    reward_curve: dict[str, list[float]] = field(default_factory=dict)  # pipelines.align.reward_curve
+    task_table: list[dict[str, str]] = field(default_factory=list)  # metric_rows() of the task summary
+
+
+def plot_reward_margins(curve: dict[str, list[float]]) -> bytes | None:
+    if not curve or not (curve.get("step") or curve.get("eval_step")):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    if curve.get("step"):
+        ax.plot(curve["step"], curve["margin"], label="training batches", color="#1f77b4")
+    if curve.get("eval_step"):
+        ax.plot(curve["eval_step"], curve["eval_margin"], "o-", label="validation pairs", color="#d62728")
+    ax.axhline(0, color="#999999", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    ax.set_title("Implicit reward margin against the reference (TRL rewards/margins)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_preference(metrics: dict[str, Any]) -> bytes | None:
+    pref = metrics.get("preference")
+    if not pref:
+        return None
+    fig = _figure(4.8, 3.6)
+    ax = fig.add_subplot()
+    values = [pref["sft"]["accuracy"], pref["aligned"]["accuracy"]]
+    cis = [pref["ci"]["sft"]["accuracy"], pref["ci"]["aligned"]["accuracy"]]
+    errors = [[max(v - c["low"], 0) for v, c in zip(values, cis, strict=True)],
+              [max(c["high"] - v, 0) for v, c in zip(values, cis, strict=True)]]  # (2, n)
+    bars = ax.bar(["SFT", "aligned"], values, yerr=errors, capsize=4, color=["#aec7e8", "#1f77b4"])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of pairs ranked correctly")
+    ax.set_title(f"{pref['n_pairs']} held-out pairs ({pref.get('confidence', 0.95):.0%} intervals)")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def alignment_plots(ctx: AlignmentContext) -> dict[str, bytes]:
+    made = {"preference.png": plot_preference(ctx.metrics), "reward_margins.png": plot_reward_margins(ctx.reward_curve)}
+    return {name: png for name, png in made.items() if png}
+
+
+def _pref_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    pref = metrics.get("preference")
+    if not pref:
+        return []
+    ci = pref["ci"]
+    rows = []
+    for key, label in (("accuracy", "Preference accuracy (chosen ranked first)"),
+                       ("margin", "Mean log-likelihood margin (nats)")):
+        lo, hi = ci["delta"][key]["low"], ci["delta"][key]["high"]
+        verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
+        rows.append([label, f"{pref['sft'][key]:.3f} {_ci(ci['sft'][key], key)}",
+                     f"{pref['aligned'][key]:.3f} {_ci(ci['aligned'][key], key)}",
+                     f"{pref['delta'][key]:+.3f} {_ci(ci['delta'][key], key, signed=True)}", verdict])
+    reward = pref["implicit_reward"]
+    rows.append([f"Implicit reward accuracy vs SFT (beta {reward['beta']:g})", "0 (its own reference)",
+                 f"{reward['accuracy']:.3f} {_ci(reward['ci']['accuracy'], 'accuracy')}", "", ""])
+    rows.append(["Implicit reward margin vs SFT", "0 (its own reference)",
+                 f"{reward['margin']:+.3f} {_ci(reward['ci']['margin'], 'margin', signed=True)}", "", ""])
+    return rows
+
+
+def alignment_table_markdown(metrics: dict[str, Any]) -> str:
+    if not metrics.get("preference"):
+        return "No held-out preference pairs: the test split holds no prompt with both a chosen and a rejected answer."
+    level = f"{metrics['preference'].get('confidence', 0.95):.0%}"
+    lines = [f"| held-out pairs | SFT [{level} CI] | aligned [{level} CI] | delta [{level} CI] | |",
+             "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _pref_rows(metrics)]
+    return "\n".join(lines)
+
+
+def _align_gate(metrics: dict[str, Any]) -> tuple[str, list[str]]:
+    g = metrics.get("gate", {})
+    if not g.get("applicable", True):
+        verdict = "NOT APPLICABLE: no preference tuning, the SFT adapter stays the final one"
+    else:
+        verdict = ("PASSED: the aligned adapter may be promoted" if g.get("passed")
+                   else "FAILED: the aligned adapter is not promoted")
+    return verdict, list(g.get("reasons", []))
+
+
+def _last_turn(messages: list[dict[str, Any]]) -> str:
+    return messages[-1]["content"] if messages else ""
+
+
+def _pair_cells(r: dict[str, Any]) -> list[str]:
+    return [_last_turn(r["prompt"]), "\n".join(m["content"] for m in r["chosen"]),
+            "\n".join(m["content"] for m in r["rejected"]), r.get("sft_output") or "(empty)",
+            r.get("aligned_output") or "(empty)", f"{r['sft_margin']:+.2f} / {r['aligned_margin']:+.2f}"]
+
+
+def _intro(metrics: dict[str, Any]) -> str:
+    if not metrics.get("applicable", True):
+        return f"No preference tuning: {metrics.get('reason', '')}"
+    pref, task = metrics.get("preference") or {"n_pairs": 0}, metrics["task"]
+    return (f"Method {metrics.get('method')} (loss {metrics.get('loss')}, beta {metrics.get('beta'):g}); reference "
+            f"model: {metrics.get('reference')}. {pref['n_pairs']} held-out preference pairs, {task.get('n_test')} "
+            "SFT test rows, greedy decoding. Log-likelihoods are summed over the answer tokens; a pair counts as "
+            "ranked correctly when the chosen answer is strictly more likely.")
+
+
+def _task_table_md(ctx: AlignmentContext) -> list[str]:
+    lines = ["| metric | SFT [CI] | aligned [CI] | delta [CI] | |", "|---|---|---|---|---|"]
+    return lines + [f"| {r['metric']} | {r['base']} | {r['fine_tuned']} | {r['delta']} | {r['verdict']} |"
+                    for r in ctx.task_table]
+
+
+def _forgetting_line(metrics: dict[str, Any]) -> str:
+    task = metrics.get("task", {})
+    p = task.get("probe", {})
+    if not p:
+        return "No probe-set loss was measured."
+    ci = p.get("forgetting_ci", {})
+    ci_text = f" (CI [{ci['low']:+.4f}, {ci['high']:+.4f}])" if ci else ""
+    return (f"General-instruction probe ({p['n']} examples): loss SFT {p['sft_loss']:.4f} -> aligned "
+            f"{p['aligned_loss']:.4f} nats/token, change {task['forgetting']:+.4f}{ci_text}.")
+
+
+def render_alignment_markdown(ctx: AlignmentContext, images: Sequence[str]) -> str:
+    m = ctx.metrics
+    verdict, reasons = _align_gate(m)
+    out = ["# Alignment: SFT vs aligned", "", _intro(m), "", f"## Alignment gate: {verdict}", ""]
+    out += [f"- {r}" for r in reasons] + [""]
+    if m.get("applicable", True):
+        out += ["## Held-out preference pairs", "", alignment_table_markdown(m), "",
+                "Delta = aligned - SFT; intervals are paired bootstrap intervals over pairs.", "",
+                "## Task metrics on the SFT test split", "", *_task_table_md(ctx), "", "## Forgetting", "",
+                _forgetting_line(m), ""]
+        for name in images:
+            out += [f"## {ALIGN_CAPTIONS.get(name, name)}", "", f"![{ALIGN_CAPTIONS.get(name, name)}]({name})", ""]
+        if ctx.pairs:
+            out += [f"## {len(ctx.pairs)} held-out pairs side by side (the first by id)", "",
+                    "| " + " | ".join(PAIR_HEADER) + " |", "|" + "---|" * len(PAIR_HEADER)]
+            out += ["| " + " | ".join(_md_cell(c) for c in _pair_cells(r)) + " |" for r in ctx.pairs] + [""]
+    return "\n".join(out)
+
+
+def render_alignment_html(ctx: AlignmentContext, images: dict[str, bytes]) -> str:
+    m = ctx.metrics
+    verdict, reasons = _align_gate(m)
+    g = m.get("gate", {})
+    cls = "muted" if not g.get("applicable", True) else "pass" if g.get("passed") else "fail"
+    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+             f"<title>Alignment: SFT vs aligned</title><style>{CSS}</style></head><body>",
+             "<h1>Alignment: SFT vs aligned</h1>", f"<p>{_e(_intro(m))}</p>",
+             f"<h2>Alignment gate: <span class=\"{cls}\">{_e(verdict)}</span></h2>",
+             "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>"]
+    if m.get("applicable", True):
+        level = f"{(m.get('preference') or {}).get('confidence', 0.95):.0%}"
+        parts += ["<h2>Held-out preference pairs</h2>",
+                  _table(["held-out pairs", f"SFT [{level} CI]", f"aligned [{level} CI]", f"delta [{level} CI]", ""],
+                         _pref_rows(m), classes=["", "num", "num", "num", ""]) if m.get("preference") else
+                  f"<p>{_e(alignment_table_markdown(m))}</p>",
+                  "<p class=\"muted\">Delta = aligned - SFT; intervals are paired bootstrap intervals over pairs.</p>",
+                  "<h2>Task metrics on the SFT test split</h2>",
+                  _table(["metric", "SFT [CI]", "aligned [CI]", "delta [CI]", ""],
+                         [[r["metric"], r["base"], r["fine_tuned"], r["delta"], r["verdict"]] for r in ctx.task_table],
+                         classes=["", "num", "num", "num", ""]),
+                  "<h2>Forgetting</h2>", f"<p>{_e(_forgetting_line(m))}</p>"]
+        if images:
+            figs = []
+            for name, png in images.items():
+                data = base64.b64encode(png).decode("ascii")
+                caption = ALIGN_CAPTIONS.get(name, name)
+                figs.append(f"<figure><img alt=\"{_e(caption)}\" src=\"data:image/png;base64,{data}\">"
+                            f"<figcaption class=\"muted\">{_e(caption)}</figcaption></figure>")
+            parts += ["<h2>Plots</h2>", "<div class=\"plots\">" + "".join(figs) + "</div>"]
+        if ctx.pairs:
+            parts += [f"<h2>{len(ctx.pairs)} held-out pairs side by side (the first by id)</h2>",
+                      _table(PAIR_HEADER, [_pair_cells(r) for r in ctx.pairs], pre=True)]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.methods import saves_full_model
+
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
@@ -37,7 +39,7 @@ def render_run_card(card: dict[str, Any]) -> str:
     base = card["base_model"]
     front = {
         "base_model": base.get("name"),
-        "library_name": "peft" if card["method"] != "full" else "transformers",
+        "library_name": "transformers" if saves_full_model(card["method"]) else "peft",
         "pipeline_tag": "text-generation",
         "tags": ["trl", "sft", card["method"]],
     }
@@ -71,12 +73,14 @@ def render_run_card(card: dict[str, Any]) -> str:
         "Timings and memory of the run are not written here (the same training must give the same bytes): they",
         "are in the run record `.run.json` beside this file and in the Dagster metadata of `lora_adapter`.",
         "",
+        *_trained_section(card),
         "## Reproduce",
         "",
         f"- base model: `{json.dumps(base, sort_keys=True)}`",
         f"- base model sha256: `{card['base_model_sha256']}`",
         *(f"- {split} split sha256: `{digest}`" for split, digest in card["data"].items()),
-        f"- run hash (data + base model + train params): `{card['run_hash']}`",
+        *_parent_lines(card.get("parent")),
+        f"- run hash (data + base model + parent + train params): `{card['run_hash']}`",
         f"- seed: {card['params'].get('seed')}",
         f"- device: {card['env'].get('device')}, precision {card['env'].get('precision')}, "
         f"{card['env'].get('num_processes')} process(es), {card['env'].get('num_threads')} thread(s)",
@@ -93,3 +97,33 @@ def render_run_card(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _trained_section(card: dict[str, Any]) -> list[str]:
+    """What was trainable (metrics.trainable_tensors from pipelines.methods.trainable_summary), and merging."""
+    groups = card["metrics"].get("trainable_tensors") or []
+    if not groups:
+        return []
+    lines = ["## What was trained", "", "| trainable tensors | blocks | tensors | parameters |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| `{g['tensors']}` | {g['blocks']} | {g['count']} | {g['parameters']} |" for g in groups]
+    lines.append("")
+    if card.get("tied_head_trained"):
+        lines += ["The LM head shares its matrix with the input embeddings (tied weights), so training the head "
+                  "changed the embeddings too.", ""]
+    if "merge" in card:
+        merge = card["merge"]
+        lines += [f"Merging: {merge}" if merge else (
+            "Merging: not needed, the folder holds the whole model." if saves_full_model(card["method"])
+            else "Merging: peft's `merge_and_unload()` folds this adapter into the base weights."), ""]
+    return lines
+
+
+def _parent_lines(parent: dict[str, Any] | None) -> list[str]:
+    """The parent adapter a continued run started from (train.init_from)."""
+    if not parent:
+        return ["- started from: the base model (no train.init_from)"]
+    lines = [f"- started from (train.init_from): `{parent['path']}`, weights sha256 `{parent['weights_sha256']}`"]
+    if parent.get("run_hash"):
+        lines.append(f"- parent run hash: `{parent['run_hash']}` (method {parent.get('method')})")
+    return lines

@@ -139,3 +139,80 @@ def validate(schema: type[pa.DataFrameModel], rows: list[dict[str, Any]]) -> pd.
         empty = {name: pd.Series(dtype=col.dtype.type if col.dtype else object) for name, col in columns.items()}
         return schema.validate(pd.DataFrame(empty), lazy=True)
     return schema.validate(frame(rows), lazy=True)
+
+
+# ------------------------------------------------------------------------------------------ preference rows
+#
+# A preference row (paths.preferences/{train,validation,test}.jsonl) is one of two kinds:
+#     pair      prompt + chosen + rejected       (DPO, ORPO, SimPO; KTO splits it into one row of each label)
+#     unpaired  prompt + completion + label      (KTO: label true = desirable, false = undesirable)
+# prompt is the conversation before the answer (it ends with a user or tool turn); chosen, rejected and
+# completion are the assistant turn(s) that answer it. Besides: id, source, line, format, tools, meta as in the
+# row schema above, and group (the prompt's near-duplicate group, shared with the SFT split; see
+# pipelines/preferences.py).
+
+
+def prompt_problem(prompt: Any) -> str | None:
+    """Why `prompt` is not the conversation before an answer, or None when it is."""
+    if not isinstance(prompt, list) or not prompt:
+        return "prompt must be a non-empty list of messages"
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or set(m) - MESSAGE_KEYS or m.get("role") not in ROLES \
+                or not isinstance(m.get("content"), str):
+            return f"prompt message {i} must be an object with a role ({', '.join(ROLES)}) and string content"
+    if not any(m["role"] == "user" for m in prompt):
+        return "prompt has no user message"
+    if prompt[-1]["role"] not in ("user", "tool"):
+        return f"prompt must end with a user or tool message, not {prompt[-1]['role']!r}"
+    return None
+
+
+def answer_problem(answer: Any, what: str) -> str | None:
+    """Why `answer` (chosen, rejected or completion) is not a non-empty list of assistant messages, or None."""
+    if not isinstance(answer, list) or not answer:
+        return f"{what} must be a non-empty list of assistant messages"
+    for i, m in enumerate(answer):
+        if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str) \
+                or not m["content"].strip():
+            return f"{what} message {i} must be an assistant message with non-empty content"
+    return None
+
+
+def preference_problem(row: dict[str, Any]) -> str | None:
+    """Why a preference row breaks its contract (see above), or None."""
+    problem = prompt_problem(row.get("prompt"))
+    if problem:
+        return problem
+    if row.get("kind") == "pair":
+        if row.get("completion") is not None or row.get("label") is not None:
+            return "a pair has no completion and no label"
+        problem = answer_problem(row.get("chosen"), "chosen") or answer_problem(row.get("rejected"), "rejected")
+        if problem is None and row["chosen"] == row["rejected"]:
+            problem = "chosen and rejected are identical"
+        return problem
+    if row.get("kind") == "unpaired":
+        if row.get("chosen") is not None or row.get("rejected") is not None:
+            return "an unpaired row has no chosen and no rejected"
+        if not isinstance(row.get("label"), bool):
+            return "an unpaired row needs a boolean label"
+        return answer_problem(row.get("completion"), "completion")
+    return f"kind must be 'pair' or 'unpaired', got {row.get('kind')!r}"
+
+
+class PreferenceSchema(pa.DataFrameModel):
+    """Rows of the preference-data stage (one split file)."""
+
+    id: Series[str] = pa.Field(unique=True, description="Stable row id (hex digest of source and line).")
+    source: Series[str] = pa.Field(description="Raw file the row came from, relative to the project.")
+    line: Series[int] = pa.Field(ge=1, description="1-based line or record number in the source file.")
+    format: Series[str] = pa.Field(description="Detected raw preference format (sharegpt_pair, messages_label, ...).")
+    kind: Series[str] = pa.Field(isin=["pair", "unpaired"], description="pair: chosen + rejected; unpaired: label.")
+    group: Series[str] = pa.Field(description="Near-duplicate group of the prompt; a group lives in one split.")
+
+    @pa.dataframe_check(error="every row must be a valid pair or unpaired row (schemas.preference_problem)")
+    def _valid_row(cls, df: pd.DataFrame) -> Series[bool]:
+        return pd.Series([preference_problem(r) is None for r in df.to_dict("records")], index=df.index)
+
+    class Config:
+        strict = False  # prompt / chosen / rejected / completion / label / tools / meta are checked above
+        coerce = False

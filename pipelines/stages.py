@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.config import ALIGN_TRAINING_KEYS
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,14 +130,31 @@ STAGES: tuple[Stage, ...] = (
         versioned=tuple(("splits", f"{name}.jsonl") for name in ("train", "validation", "test")),
     ),
     Stage(
+        name="preference-data", module="pipelines.preferences", asset="preference_pairs", group="data",
+        help="read preference pairs / labelled rows from data/raw/, clean them, split them by prompt",
+        description="Preference rows (chosen/rejected pairs, KTO rows with a boolean label) from the raw files, "
+        "cleaned by the clean stage's rules and split by prompt consistently with the SFT split (near-duplicate "
+        "prompts grouped); bad pairs go to quarantine.jsonl with file, line and reason.",
+        params=("data.system_prompt", "data.max_bad_fraction", "data.max_line_bytes", "clean", "split"),
+        inputs=("raw_dir", "splits"), outputs=("preferences",),
+        code=("pipelines.ingest", "pipelines.clean", "pipelines.pii", "pipelines.dedup", "pipelines.split",
+              _SCHEMAS),
+        kinds=("python", "pandas"),
+        versioned=tuple(("preferences", f"{name}.jsonl") for name in ("train", "validation", "test")),
+    ),
+    Stage(
         name="train", module="pipelines.train", asset="lora_adapter", group="training",
         help="fine-tune the adapter with TRL SFTTrainer + peft",
-        description="LoRA adapter (peft format, with tokenizer and run card) fine-tuned with TRL SFTTrainer on "
-        "the train split; per-step losses stream to the run log.",
-        params=("train", "format.max_length", "model.trust_remote_code"), inputs=("splits", "base_model"),
-        outputs=("adapter",), scratch=("checkpoints",),
+        description="The fine-tuned adapter (peft format, or a whole model for train.method full / freeze) with "
+        "tokenizer and run card, trained with TRL SFTTrainer on the train split by train.method (LoRA by default); "
+        "per-step losses stream to the run log.",
+        # paths.promoted: train.init_from may name it ('promoted'). The parent folder cannot be a DVC dep (promote
+        # writes it after train: a cycle) and an optional dep cannot be declared; its content hash is in the run
+        # hash, train_metrics.json and the run card (README "Continuing from an adapter").
+        params=("train", "format.max_length", "model.trust_remote_code", "paths.promoted"),
+        inputs=("splits", "base_model"), outputs=("adapter",), scratch=("checkpoints",),
         code=("pipelines.chat", "pipelines.cpu_speedups", "pipelines.checkpoints", "pipelines.runcard",
-              "pipelines.preflight"), kinds=("pytorch", "huggingface"),
+              "pipelines.preflight", "pipelines.methods"), kinds=("pytorch", "huggingface"),
         rebuild_on=("dataset_splits",), uses_trainer=True,
     ),
     Stage(
@@ -146,20 +165,53 @@ STAGES: tuple[Stage, ...] = (
         "and metrics.json.",
         params=("evaluate", "train.method", "model.trust_remote_code"),
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
-        code=("pipelines.metrics", "pipelines.report", "pipelines.chat"), files=("probe_general.jsonl",),
+        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods"),
+        files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
         uses_trainer=True,
         plots={"loss_curves": {"template": "linear", "x": "step", "y": {
             "${paths.evaluation}/train_loss.csv": "train_loss", "${paths.evaluation}/eval_loss.csv": "eval_loss"}}},
     ),
     Stage(
+        name="align", module="pipelines.align", asset="preference_adapter", group="training",
+        help="preference-tune the SFT adapter (TRL DPO / KTO; ORPO / SimPO from trl.experimental)",
+        description="The SFT adapter after preference tuning (TRL DPOTrainer / KTOTrainer, ORPO / SimPO from "
+        "trl.experimental) on the preference pairs, with the SFT model as the reference; run card and per-step "
+        "rewards. With align.method none, or no preference rows, it records why nothing was trained.",
+        params=(*(f"align.{key}" for key in ALIGN_TRAINING_KEYS), "train.method", "format.max_length",
+                "model.trust_remote_code"),
+        inputs=("preferences", "adapter", "base_model"), outputs=("aligned_adapter",), scratch=("align_checkpoints",),
+        code=("pipelines.train", "pipelines.chat", "pipelines.runcard"), kinds=("pytorch", "huggingface"),
+        rebuild_on=("preference_pairs", "lora_adapter"), uses_trainer=True,
+    ),
+    Stage(
+        name="evaluate-alignment", module="pipelines.evaluate_alignment", asset="alignment_report",
+        group="evaluation",
+        help="SFT vs aligned: held-out preference accuracy, task metrics, forgetting; the alignment gate",
+        description="SFT vs aligned adapter: preference accuracy and reward margin on the held-out preference pairs, "
+        "task metrics and the forgetting probe on the SFT test split, with paired bootstrap intervals; the alignment "
+        "gate; report.html/.md and alignment_metrics.json.",
+        params=("align.max_eval_pairs", "align.gate", "evaluate", "model.trust_remote_code"),
+        inputs=("aligned_adapter", "adapter", "base_model", "preferences", "splits"), outputs=("alignment",),
+        metrics=("alignment_metrics",),
+        code=("pipelines.evaluate", "pipelines.metrics", "pipelines.report", "pipelines.chat"),
+        files=("probe_general.jsonl",), kinds=("pytorch", "huggingface", "html"),
+        versioned=(("alignment_metrics", None),), rebuild_on=("preference_adapter",),
+        plots={"reward_margins": {"template": "linear", "x": "step", "y": {
+            "${paths.alignment}/reward_margins.csv": "reward_margin",
+            "${paths.alignment}/eval_reward_margins.csv": "eval_reward_margin"}}},
+    ),
+    Stage(
         name="promote", module="pipelines.promote", asset="promoted_adapter", group="evaluation",
-        help="copy the adapter to the promoted folder if it passed the gate",
-        description="The adapter that passed the promotion gate (copied with PROMOTED.json). In a run it starts "
-        "only after the blocking check fine_tuned_beats_base passed; the stage re-applies the gate itself.",
-        params=("evaluate.primary_metric", "evaluate.min_improvement", "evaluate.max_forgetting"),
-        inputs=("metrics", "adapter"), outputs=("promoted",), code=("pipelines.metrics",), kinds=("huggingface",),
-        rebuild_on=("evaluation_report",),
+        help="copy the final adapter (aligned, or SFT without alignment) to the promoted folder if its gates passed",
+        description="The adapter that passed the promotion gates (copied with PROMOTED.json): the aligned adapter "
+        "when preference tuning ran and passed the alignment gate, the SFT adapter when there was no alignment. In "
+        "a run it starts only after the blocking checks fine_tuned_beats_base and aligned_beats_sft passed; the "
+        "stage re-applies both gates itself.",
+        params=("evaluate.primary_metric", "evaluate.min_improvement", "evaluate.max_forgetting", "align.gate"),
+        inputs=("metrics", "adapter", "alignment_metrics", "aligned_adapter"), outputs=("promoted",),
+        code=("pipelines.metrics",), kinds=("huggingface",),
+        rebuild_on=("evaluation_report", "alignment_report"),
     ),
     Stage(
         name="merge", module="pipelines.merged_model", asset="merged_model", group="export",
@@ -235,6 +287,10 @@ DVC_HEADER = """\
 #   dvc exp run -S train.learning_rate=0.0005   an experiment with one knob changed
 # paths.checkpoints (train's resume point after a crash) is deliberately not an output: DVC neither caches nor
 # deletes it, so a fresh clone, or `dvc checkout` of another revision, does not see train as changed.
+# train.init_from (continue from an adapter) names a folder that is NOT a dep of train: `promoted` is written by a
+# later stage (a cycle) and a folder outside the pipeline is not tracked. DVC reruns train when the key's value
+# changes, not when that folder's content does (`dvc repro -f train` then); the parent's content hash is in the
+# run hash, in data/adapter/train_metrics.json (parent_weights_sha256) and in the run card.
 """
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune the base model on the train split: TRL `SFTTrainer` + peft (LoRA, DoRA, QLoRA) or full fine-tuning.
+"""Fine-tune the base model on the train split: TRL `SFTTrainer` + the peft method of train.method, or full / freeze.
 
     python -m pipelines train                                        # one process, device picked automatically
     PIPELINES_TRAIN_LAUNCHER=accelerate PIPELINES_TRAIN_PROCESSES=2 python -m pipelines train   # 2-process DDP
@@ -7,7 +7,8 @@
 It reads top to bottom like TRL's `sft.py`: encode the splits, build the trainer, train, write the adapter.
 Hyperparameters come from params.yaml `train:`; the environment (device, precision, threads, 4-bit loading,
 launcher) is a `TrainEnv` (pipelines.train_env: the Dagster trainer resource, or PIPELINES_TRAIN_* variables).
-Around it: pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the same losses, faster on CPU),
+Around it: pipelines.methods (each method's peft config, freezing, AdaLoRA's budget callback, init_from),
+pipelines.checkpoints (run hash, resume), pipelines.cpu_speedups (the same losses, faster on CPU),
 pipelines.launcher (`accelerate launch` and its log protocol), pipelines.fence (the library internals those use).
 
 Data: each row of splits/{train,validation}.jsonl is tokenised by `pipelines.chat.tokenize_conversation`, the
@@ -16,12 +17,13 @@ turn (its end-of-turn token included, so the model learns to stop) and -100 else
 turn marked `"weight": 0`; special-token text inside a message is encoded as plain text. SFTTrainer receives this
 pre-tokenised dataset with `skip_prepare_dataset=True`, so TRL neither re-renders, re-masks, nor adds or
 removes an EOS. Batches are grouped by length and padded to their longest row (exact: pads get attention 0
-and label -100); the padding efficiency (real tokens / computed token slots) is measured and reported.
+and label -100), or with train.padding_free flattened into one row (exact too, tests/test_methods.py); the padding
+efficiency (real tokens / computed token slots) is measured and reported.
 
-Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the train params and code;
-a rerun resumes from the last complete checkpoint there whose files load (a corrupt one is named, deleted and
-passed over), and refuses one whose stored hash differs. One training at a time holds the checkpoint folder's lock.
-See pipelines.checkpoints.
+Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the parent adapter, the
+train params and code; a rerun resumes from the last complete checkpoint there whose files load (a corrupt one is
+named, deleted and passed over), and refuses one whose stored hash differs. One training at a time holds the
+checkpoint folder's lock. See pipelines.checkpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import chat, checkpoints, cpu_speedups, fence, launcher, train_env
+from pipelines import chat, checkpoints, cpu_speedups, fence, launcher, methods, train_env
 from pipelines.base_model import source_info
 from pipelines.chat import TemplateError, tokenize_conversation
 from pipelines.config import Params, TrainConfig
@@ -125,20 +127,24 @@ class CountingCollator:
 
     Padding goes to the longest row of the batch (rows are length-grouped by the sampler), so
     padding efficiency = real tokens / (batch size x padded length) is what the forward pass really costs.
+    With `padding_free` the rows are concatenated into one (1, total) row whose position ids restart at each row
+    and which has no attention mask: transformers then masks attention per row (block-diagonal), and TRL sets the
+    label of each row's first token to -100 (no prediction across rows).
     """
 
     pad_token_id: int
+    padding_free: bool = False
     counts: dict[str, list[int]] = field(default_factory=lambda: {"train": [0, 0, 0], "eval": [0, 0, 0]})
 
     def __post_init__(self) -> None:
-        self.inner = fence.get("padding_collator")(pad_token_id=self.pad_token_id)
+        self.inner = fence.get("padding_collator")(pad_token_id=self.pad_token_id, padding_free=self.padding_free)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         phase = "eval" if examples[0].get(EVAL_TAG) else "train"
         batch = self.inner([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
         real, slots, trained = self.counts[phase]
         self.counts[phase] = [
-            real + int(batch["attention_mask"].sum()),
+            real + (int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()),
             slots + batch["input_ids"].numel(),
             trained + int((batch["labels"] != -100).sum()),
         ]
@@ -146,36 +152,28 @@ class CountingCollator:
 
 
 # ------------------------------------------------------------------------------------------------ model/trainer
-def peft_config(cfg: TrainConfig) -> Any:
-    """The peft LoraConfig of the method (None for full fine-tuning)."""
-    if cfg.method == "full":
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, use_dora=cfg.method == "dora", task_type="CAUSAL_LM",
-    )
-
-
 def _dtype(env: TrainEnv) -> Any:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[env.precision]
 
 
-def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_code: bool = False) -> Any:
-    """The base model from safetensors only; 4-bit NF4 (double quantisation) for QLoRA or when the env asks."""
+def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_code: bool = False,
+               parent: Path | None = None) -> Any:
+    """The model to train, from safetensors only: the base (4-bit NF4 with double quantisation for QLoRA or when the
+    env asks), with the last blocks alone trainable for freeze; with `parent` (train.init_from, checked by
+    methods.check_parent) the parent's whole model (full, freeze) or the base wrapped with the parent adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    four_bit = cfg.method == "qlora" or (env.load_in_4bit and cfg.method != "full")
-    if cfg.method == "full" and env.load_in_4bit:
-        raise StageError("train.method = 'full' cannot train 4-bit weights; use method lora/qlora or turn off "
-                         "the trainer's load_in_4bit")
+    whole = methods.saves_full_model(cfg.method)
+    four_bit = cfg.method == "qlora" or (env.load_in_4bit and not whole)
+    if whole and env.load_in_4bit:
+        raise StageError(f"train.method = {cfg.method!r} cannot train 4-bit weights; use method lora/qlora or turn "
+                         "off the trainer's load_in_4bit")
     # PEFT methods keep the frozen base in the compute dtype (half the memory on GPU); full fine-tuning keeps
     # fp32 master weights and lets autocast do the reduced precision.
-    dtype = torch.float32 if cfg.method == "full" else _dtype(env)
+    dtype = torch.float32 if whole else _dtype(env)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if four_bit:
         reason = train_env.four_bit_unsupported(env.device)
@@ -190,7 +188,13 @@ def load_model(base_dir: Path, cfg: TrainConfig, env: TrainEnv, *, trust_remote_
         )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": f"cuda:{local_rank}" if env.device == "cuda" else "cpu"}
-    return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(parent if parent is not None and whole else base_dir, **kwargs)
+    if cfg.method == "freeze":
+        section = cfg.section()
+        methods.freeze_all_but_last_blocks(model, section.last_n_blocks, section.train_lm_head)
+    if parent is not None and not whole:
+        model = methods.load_parent_adapter(model, parent)
+    return model
 
 
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: TrainConfig, env: TrainEnv,
@@ -201,8 +205,9 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
 
     cpu_speedups.score_only_label_positions()
     has_eval = eval_ds is not None and len(eval_ds) > 0
-    # The best checkpoint can only be reloaded if every save step is also an eval step.
-    load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0
+    # The best checkpoint can only be reloaded if every save step is also an eval step. AdaLoRA keeps its last
+    # step: its budget schedule ends there, and peft reloads an earlier checkpoint at that checkpoint's ranks.
+    load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0 and cfg.method != "adalora"
     args = SFTConfig(
         output_dir=str(output_dir),
         seed=cfg.seed,
@@ -210,6 +215,7 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        optim=cfg.optim,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps in transformers 5
@@ -228,6 +234,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         greater_is_better=False,
         load_best_model_at_end=load_best,
         report_to=cfg.report_to,
+        neftune_noise_alpha=cfg.neftune_alpha,
+        torch_compile=cfg.torch_compile,
         # Environment, not hyperparameters. TRL defaults bf16 and gradient checkpointing on; both are decided here.
         use_cpu=env.device == "cpu",
         bf16=env.precision == "bf16",
@@ -239,24 +247,30 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # already truncated at encoding (format.max_length)
         packing=False,
-        padding_free=False,  # without FlashAttention not proven exact here; length grouping is exact
+        # train.padding_free flattens batches in CountingCollator (TRL refuses its own flag with a custom collator);
+        # exact with sdpa on CPU because the model sees no attention mask, only restarting position ids.
+        padding_free=False,
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,  # the collator needs the eval tag
         label_names=["labels"],
         disable_tqdm=False,
     )
     callbacks = list(callbacks or [])
+    if cfg.method == "adalora":
+        callbacks.insert(0, methods.adalora_budget())  # before the Fingerprint callback, which must run last
     if has_eval and cfg.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = SFTTrainer(
         model=model,
         args=args,
-        data_collator=CountingCollator(pad_id),
+        data_collator=CountingCollator(pad_id, padding_free=cfg.padding_free),
         train_dataset=train_ds,
         eval_dataset=eval_ds if has_eval else None,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg),
+        # a model that already is a PeftModel (train.init_from) carries its adapter
+        peft_config=None if hasattr(model, "peft_config") else methods.peft_config(
+            cfg, Path(tokenizer.name_or_path), total_steps=cfg.max_steps if cfg.max_steps > 0 else None),
         callbacks=callbacks,
     )
     fence.wrap_train_sampler(trainer, lambda sampler: cpu_speedups.epoch_seeded(sampler, cfg.seed))
@@ -346,16 +360,30 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     val_split = encode_split(tokenizer, _read_split(params, "validation", required=False), max_length,
                              str(params.path("splits") / "validation.jsonl"))
 
+    parent = methods.check_parent(params)  # train.init_from (checked by the preflight too)
     fingerprint = checkpoints.run_fingerprint(params)
+    parent_info = methods.parent_record(parent) if parent is not None else None
+    base_sha = fingerprint["parts"]["base_model"]
+    if parent_info and parent_info["base_model_sha256"] not in (None, base_sha):
+        raise StageError(f"train.init_from: the adapter in '{parent}' was trained on another base model (sha256 "
+                         f"{parent_info['base_model_sha256'][:12]}, this one is {base_sha[:12]}); continue it on its "
+                         "own base model or start fresh (train.init_from: null)")
     run_dir = params.path("checkpoints") / fingerprint["run_hash"]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     # a corrupt checkpoint is named, deleted and passed over (pipelines.checkpoints)
     resume = checkpoints.resume_point(run_dir, fingerprint, remove_corrupt=is_main)
+    if resume.checkpoint is not None and (refused := methods.resume_refused(cfg.method)):
+        log.warning("not resuming from %s: %s", resume.checkpoint, refused)
+        resume = checkpoints.ResumePoint(None, resume.corrupt)
+        if is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints would be mixed with the new run's
     if is_main:
         checkpoints.drop_incomplete(run_dir)
+    for key, value in methods.tracker_environment(cfg.report_to, run_dir, dict(os.environ)).items():
+        os.environ[key] = value  # read by the tracker's callback when the trainer is built
 
-    model = load_model(base_dir, cfg, env, trust_remote_code=params.model.trust_remote_code)
+    model = load_model(base_dir, cfg, env, trust_remote_code=params.model.trust_remote_code, parent=parent)
     trainer = build_trainer(model, tokenizer, to_dataset(train_split, is_eval=False),
                             to_dataset(val_split, is_eval=True), cfg, env, run_dir,
                             callbacks=checkpoints.callbacks(fingerprint, on_log))
@@ -379,6 +407,9 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     curve = loss_curve(state.log_history)
     metrics: dict[str, Any] = {
         "method": cfg.method,
+        "init_from": cfg.init_from,  # the parent adapter (None: trained from the base model)
+        "parent_weights_sha256": parent_info["weights_sha256"] if parent_info else None,
+        "parent_run_hash": parent_info["run_hash"] if parent_info else None,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": round(float(state.epoch or 0), 3),
@@ -408,14 +439,20 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         "num_processes": world_size,
         "num_threads": env.num_threads,
         "run_hash": fingerprint["run_hash"],
+        "base_model_sha256": fingerprint["parts"]["base_model"],  # lets a continuation check its base model
+        "optimizer": cfg.optim,
+        "trainable_tensors": methods.trainable_summary(trainer.model),
     }
     card = {
         "method": cfg.method,
+        "parent": parent_info,
+        "tied_head_trained": methods.tied_head_trained(trainer.model),
+        "merge": methods.can_merge(cfg.method),
         "base_model": source_info(base_dir) or {"name": str(base_dir), "source": "folder"},  # no fetch-model record
         "base_model_sha256": fingerprint["parts"]["base_model"],
         "data": {"train": fingerprint["parts"]["train_split"], "validation": fingerprint["parts"]["validation_split"]},
         "run_hash": fingerprint["run_hash"],
-        "params": cfg.model_dump(mode="json"),
+        "params": methods.effective_params(cfg),
         "env": {**env.as_dict(), "num_processes": world_size},
         "versions": library_versions(),
         "metrics": without_timings(metrics),

@@ -137,6 +137,8 @@ def tiny_overrides(model_dir: Path) -> dict:
         "format": {"max_length": 1024},  # the tiny 400-token BPE needs ~4x the tokens of a real one
         "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
         "evaluate": {"max_examples": 8, "max_new_tokens": 8, "bootstrap_samples": 100},
+        "align": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
+                  "max_eval_pairs": 8},
     }
 
 

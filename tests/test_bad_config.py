@@ -33,7 +33,10 @@ BAD = [
     pytest.param({"split": {"train": 1.0, "validation": 0.0, "test": 0.0}}, "split.train", "less than 1",
                  id="ratio-bounds"),
     pytest.param({"format": {"overlong": "cut"}}, "format.overlong", "'drop' or 'truncate'", id="enum-overlong"),
-    pytest.param({"train": {"method": "lora4"}}, "train.method", "'lora', 'dora', 'qlora' or 'full'", id="enum-method"),
+    pytest.param({"train": {"method": "lora4"}}, "train.method", "'lora', 'dora', 'qlora', 'full', 'adalora', 'ia3', "
+                 "'prompt_tuning', 'prefix_tuning', 'p_tuning' or 'freeze'", id="enum-method"),
+    pytest.param({"train": {"method": "full"}}, "train.lora", "does not read it (only lora, dora, qlora do)",
+                 id="section-of-another-method"),
     pytest.param({"model": {"source": "s3"}}, "model.source", "'gguf_package', 'hub' or 'local'", id="enum-source"),
     pytest.param({"train": {"learning_rate": -0.001}}, "train.learning_rate", "greater than 0", id="negative-lr"),
     pytest.param({"train": {"batch_size": -4}}, "train.batch_size", "greater than or equal to 1", id="negative-batch"),
@@ -48,6 +51,12 @@ BAD = [
     pytest.param({"paths": {"cleaned": ""}}, "paths.cleaned", "empty path", id="path-empty"),
     pytest.param({"paths": {"cleaned": "data/raw"}}, "paths.cleaned", "overlap", id="path-equals-raw"),
     pytest.param({"paths": {"splits": "data/formatted/splits"}}, "paths.splits", "overlap", id="path-nested"),
+    pytest.param({"align": {"method": "kto", "loss_type": "ipo"}}, "align",
+                 "align.loss_type = 'ipo' is not a loss of align.method = 'kto'; use one of kto, apo_zero_unpaired",
+                 id="align-loss-of-another-method"),
+    pytest.param({"align": {"method": "ppo"}}, "align.method", "'dpo', 'kto', 'orpo', 'simpo' or 'none'",
+                 id="enum-align-method"),
+    pytest.param({"align": {"batch_size": 1}}, "align.batch_size", "greater than or equal to 2", id="align-batch-1"),
 ]
 
 
@@ -175,7 +184,9 @@ def test_preflight_lists_the_real_module_names(model_params):
     {"format": {"max_length": 1024}},
     {"train": {"lora": {"target_modules": ["q_proj", "v_proj"]}}},
     {"train": {"lora": {"target_modules": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"}}},
-    {"train": {"method": "full", "lora": {"target_modules": ["nonexistent_proj"]}}},  # full fine-tuning: no LoRA
+    {"train": {"method": "full", "lora": None}},  # full fine-tuning: no LoRA section, no target modules
+    {"train": {"method": "ia3", "lora": None, "ia3": {"target_modules": ["k_proj", "down_proj"],
+                                                      "feedforward_modules": ["down_proj"]}}},
 ])
 def test_preflight_passes_good_params(model_params, overrides):
     assert preflight(model_params(overrides)) is None
@@ -238,10 +249,13 @@ def test_params_yaml_holds_the_defaults():
     (so a key left out of a user's file means the same value as the documented file)."""
     import yaml
 
-    from pipelines.config import Params
+    from pipelines.config import METHOD_SECTIONS, Params, TrainConfig
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = Params().model_dump(mode="json")
+    # train's method sections are optional (None: that method's defaults); one written out holds those defaults
+    for name in {s for s in METHOD_SECTIONS.values() if s} & set(written["train"]):
+        defaults["train"][name] = TrainConfig.model_fields[name].annotation.__args__[0]().model_dump(mode="json")
 
     def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         out = []

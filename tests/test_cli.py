@@ -69,7 +69,8 @@ def test_dvc_runs_from_the_project_venv() -> None:
 
 def test_pipelines_cli_help_lists_every_stage() -> None:
     out = sh([str(VENV_PY), "-m", "pipelines", "--help"])
-    for stage in ("fetch-model", "ingest", "clean", "format", "split", "train", "evaluate", "promote", "check-params"):
+    for stage in ("fetch-model", "ingest", "clean", "format", "split", "preference-data", "train", "evaluate", "align",
+                  "evaluate-alignment", "promote", "check-params"):
         assert stage in out
 
 

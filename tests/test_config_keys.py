@@ -102,10 +102,12 @@ def test_check_params_refuses_a_metric_typo_before_training(tmp_path):
 
 def test_report_to_needs_its_package_installed(tmp_path, monkeypatch):
     params = load_params(write_project(tmp_path, {"train": {"report_to": "mlflow"}}))
-    monkeypatch.setitem(pf._TRACKERS, "mlflow", ("no_such_tracker_package", "pip install mlflow"))
+    from pipelines import methods
+
+    monkeypatch.setitem(methods.TRACKER_MODULES, "mlflow", ("no_such_tracker_package",))
     with pytest.raises(ConfigError, match=r"train.report_to = 'mlflow' needs the Python package "
-                                          r"'no_such_tracker_package', which is not installed; pip install mlflow"):
+                                          r"no_such_tracker_package, which is not installed"):
         pf.preflight(params, "train")
     pf.preflight(params, "clean")  # only the train stage (and check-params) need it
-    monkeypatch.setitem(pf._TRACKERS, "mlflow", ("json", "pip install mlflow"))  # an installed module
+    monkeypatch.setitem(methods.TRACKER_MODULES, "mlflow", ("json",))  # an installed module
     assert pf.preflight(params, "train") is None

@@ -13,12 +13,16 @@ from tests.conftest import REPO
 
 ASSETS = {
     "raw_files", "base_model", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits",
-    "lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model",
+    "preference_pairs", "lora_adapter", "evaluation_report", "preference_adapter", "alignment_report",
+    "promoted_adapter", "merged_model", "gguf_model",
 }
 BLOCKING = {
-    ("formatted_dataset", "schema"), ("dataset_splits", "no_leakage"), ("evaluation_report", "fine_tuned_beats_base"),
+    ("formatted_dataset", "schema"), ("dataset_splits", "no_leakage"), ("preference_pairs", "no_leakage"),
+    ("evaluation_report", "fine_tuned_beats_base"), ("alignment_report", "aligned_beats_sft"),
     ("merged_model", "reproduces_adapter"),
 }
+RETRAINED = {"lora_adapter", "evaluation_report", "preference_adapter", "alignment_report", "promoted_adapter",
+             "merged_model", "gguf_model"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,8 @@ def test_assets_are_documented_and_versioned(repo: dg.RepositoryDefinition, key:
 def test_jobs_select_their_part_of_the_graph(repo: dg.RepositoryDefinition) -> None:
     data = {k.to_user_string() for k in repo.get_job("data_job").asset_layer.selected_asset_keys}
     # raw_files is observed first, so the run records the raw data version it was built from
-    assert data == {"raw_files", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits"}
+    assert data == {"raw_files", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits",
+                    "preference_pairs"}
     lifecycle = {k.to_user_string() for k in repo.get_job("lifecycle_job").asset_layer.selected_asset_keys}
     assert lifecycle == ASSETS
     # training waits for these blocking checks, so the job the sensor launches must run them
@@ -108,7 +113,7 @@ def _materialized(instance: dg.DagsterInstance, asset: str, version: str) -> Non
 @pytest.mark.parametrize("trained_before", [True, False], ids=["retrain", "first-training"])
 def test_new_splits_content_retrains_evaluates_and_promotes_in_one_request(trained_before: bool) -> None:
     built = ASSETS - {"raw_files"} if trained_before else {
-        "base_model", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits"}
+        "base_model", "raw_examples", "cleaned_examples", "formatted_dataset", "dataset_splits", "preference_pairs"}
     with dg.instance_for_test() as instance:
         for asset in built:
             _materialized(instance, asset, "v1")
@@ -122,7 +127,7 @@ def test_new_splits_content_retrains_evaluates_and_promotes_in_one_request(train
         _materialized(instance, "dataset_splits", "v2")
         result = dg.evaluate_automation_conditions(defs, instance=instance, cursor=result.cursor)
         requested = {key.to_user_string() for key in (dg.AssetKey(a) for a in ASSETS) if result.get_num_requested(key)}
-        assert requested == {"lora_adapter", "evaluation_report", "promoted_adapter", "merged_model", "gguf_model"}
+        assert requested == RETRAINED
 
 
 @pytest.mark.parametrize("leak_check_passed", [True, False])

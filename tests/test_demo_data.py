@@ -15,6 +15,7 @@ import pytest
 from pipelines import demo_data, ingest
 from pipelines.config import load_params
 from pipelines.io import read_jsonl
+from pipelines.metrics import parse_json_object
 from tests.conftest import REPO, write_project
 
 # Keywords a reader would use to triage; each ticket must hit those of exactly its own category.
@@ -66,14 +67,16 @@ def test_same_seed_same_bytes_other_seed_other_bytes(files):
     assert set(other) == set(files) and all(other[k] != files[k] for k in files)
 
 
-def test_cli_writes_the_three_files(tmp_path, files):
+def test_cli_writes_the_three_files_and_the_preference_pairs(tmp_path, files):
     assert demo_data.main(["--out", str(tmp_path), "--seed", "0"]) == 0
-    assert {p.name: p.read_bytes().decode() for p in tmp_path.iterdir()} == files
+    written = {p.name: p.read_bytes().decode() for p in tmp_path.iterdir()}
+    assert written == {**files, demo_data.PREFERENCE_FILE: demo_data.render_preference_file(0)}
 
 
 def test_bundled_raw_data_is_the_seed_0_output(files):
     raw = REPO / "data" / "raw"
-    assert {p.name: p.read_bytes().decode() for p in raw.iterdir() if p.is_file()} == files
+    bundled = {p.name: p.read_bytes().decode() for p in raw.iterdir() if p.is_file()}
+    assert bundled == {**files, demo_data.PREFERENCE_FILE: demo_data.render_preference_file(0)}
 
 
 def test_size_and_formats(files, ingested):
@@ -188,3 +191,38 @@ def test_luhn_card_generator_is_valid():
 def test_each_file_is_non_trivial(files, name):
     assert len(files[name].splitlines()) > 250
     assert Path(name).suffix in ingest.READERS
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+
+
+def test_preference_pairs_prefer_the_right_answer_over_realistic_mistakes():
+    """One pair per fresh ticket: chosen is the ticket's label as bare JSON; rejected is its kind of mistake (the
+    neighbouring priority, a confusable category, prose, fenced JSON); four pairs are broken on purpose."""
+    text = demo_data.render_preference_file(0)
+    assert text == demo_data.render_preference_file(0) != demo_data.render_preference_file(1)
+    assert len(text.encode()) < 520_000  # commit-sized
+    rows = [json.loads(line) for line in text.splitlines()]
+    good = [r for r in rows if not r["ticket_id"].endswith("-broken")]
+    assert len(good) == demo_data.N_PREFERENCE_PROMPTS and len(rows) == len(good) + 4
+    assert not {r["ticket_id"] for r in good} & {f"T-{10_000 + i}" for i in range(1080)}  # not the SFT tickets
+    kinds = Counter(r["mistake"] for r in good)
+    assert set(kinds) == set(demo_data.MISTAKES) and min(kinds.values()) > 0.03 * len(good)
+    for r in good:
+        system, user = r["prompt"]
+        assert system == {"role": "system", "content": demo_data.SYSTEM} and user["role"] == "user"
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        right = json.loads(chosen)
+        assert chosen == demo_data.answer(right["category"], right["priority"]) and rejected != chosen
+        text = plain(user["content"])
+        assert {c for c, words in CATEGORY_KEYWORDS.items() if any(w in text for w in words)} == {right["category"]}
+        if r["mistake"] in ("priority", "category"):
+            wrong = json.loads(rejected)
+            changed = {k for k in right if right[k] != wrong[k]}
+            assert changed == {r["mistake"]} or (r["mistake"] == "category" and "category" in changed)
+            if r["mistake"] == "priority":
+                assert wrong["priority"] in demo_data.NEIGHBOURS[right["priority"]]
+        else:
+            assert parse_json_object(rejected) is None  # not the bare JSON the system prompt asks for
+            fenced = rejected.startswith("```json\n" + chosen)
+            assert fenced if r["mistake"] == "fenced" else right["priority"] in rejected

@@ -10,7 +10,7 @@ experiment with one knob changed is listed next to the baseline; and after commi
 
 The promotion gate is set so a 4-step run on the random tiny model passes deterministically: primary
 metric `loss` (every run lowers the completion loss; its bootstrap interval stays above 0),
-min_improvement 0, max_forgetting 5 nats/token. So the test covers all eight stages, `promote`
+min_improvement 0, max_forgetting 5 nats/token. So the test covers all eleven stages, `promote`
 included, instead of stopping at `evaluate`; whether the gate's real thresholds are right is
 tests/test_promote.py's business, not this file's. The copy's dvc.yaml leaves out the export stages after
 `promote` (merge, export_gguf): llama.cpp's converter does not know the tiny model's vocabulary, and
@@ -32,7 +32,10 @@ import yaml
 from tests.conftest import tiny_overrides
 from tests.test_dvc import copy_repo_with_tickets, dvc_executable, ran_stages, run
 
-ALL_STAGES = {"fetch_model", "ingest", "clean", "format", "split", "train", "evaluate", "promote"}
+# The tickets hold no preference pairs: preference_data writes empty splits, align records that it trained nothing,
+# evaluate_alignment that its gate is not applicable, and promote ships the SFT adapter.
+ALL_STAGES = {"fetch_model", "ingest", "clean", "format", "split", "preference_data", "train", "evaluate", "align",
+              "evaluate_alignment", "promote"}
 EXPORT_STAGES = ("merge", "export_gguf")  # not in the copy's dvc.yaml (see the docstring)
 # What a clone must get back from the remote (DVC cache) or from git (metrics.json, cache: false).
 RESTORED = ["data/adapter", "data/evaluation", "data/splits", "data/promoted", "data/metrics.json"]
@@ -144,7 +147,8 @@ def test_experiment_is_listed_beside_the_baseline_and_the_earlier_adapter_comes_
     adapter_a = versioned.digests_a["data/adapter"]
 
     out = dvc(["exp", "run", "-S", f"train.learning_rate={EXPERIMENT_LR}"], root, env)
-    assert ran_stages(out) == {"train", "evaluate", "promote"}, out  # the data stages do not read train.*
+    # the data stages do not read train.*; align and evaluate_alignment read the adapter
+    assert ran_stages(out) == {"train", "evaluate", "align", "evaluate_alignment", "promote"}, out
 
     [baseline, experiment] = _exp_show(root, env)
     assert baseline["name"] == "main" and baseline["learning_rate"] == 0.001

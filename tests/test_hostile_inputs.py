@@ -122,8 +122,8 @@ CASES = [
     Case("duplicate_keys_last_wins", "a.jsonl", b'{"messages": [], "messages": "x"}\n' + GOOD, 1,
          [(1, "invalid_row")]),
     Case("preference_pair_mixed_in", "a.jsonl",
-         GOOD + j({"prompt": "p", "chosen": "c", "rejected": "r"}), 1, [(2, "unsupported_format")],
-         "preference pairs belong to a preference-tuning stage"),
+         GOOD + j({"prompt": "p", "chosen": "c", "rejected": "r"}), 1, [(2, "preference_pair")],
+         "are read by the preference-data stage"),
     Case("kto_label_false", "a.jsonl", j(row(label=False)) + j(row(label=True)), 1, [(1, "undesirable_example")],
          "labelled false"),
     # --- whole files that cannot be read -------------------------------------------------------

@@ -109,7 +109,7 @@ INVALID = [
     pytest.param(["not", "an", "object"], "invalid_row", "JSON array", id="not-an-object"),
     pytest.param({"prompt": "p\x00q", "completion": "c"}, "invalid_row", "NUL", id="nul-char"),
     pytest.param({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
-                  "rejected": {"from": "gpt", "value": "b"}}, "unsupported_format", "preference-tuning stage",
+                  "rejected": {"from": "gpt", "value": "b"}}, "preference_pair", "the preference-data stage reads it",
                  id="preference-pair"),
     pytest.param({"messages": conv((U, "q"), (A, "a")), "label": False}, "undesirable_example", "labelled false",
                  id="kto-label-false"),
@@ -237,9 +237,9 @@ def test_preference_and_undesirable_rows_are_not_malformed(tmp_path):
     files = {"pref.jsonl": jline(pref) * 5, "kto.jsonl": jline({**GOOD, "label": False}) * 3 + jline(GOOD)}
     result = ingest.run(load_params(project(tmp_path, files)))  # 8 of 9 removed, yet under the 5% threshold
     assert result.metrics["rows_out"] == 1 and result.metrics["malformed"] == 0
-    assert result.metrics["rules"] == {"unsupported_format": 5, "undesirable_example": 3}
+    assert result.metrics["rules"] == {"preference_pair": 5, "undesirable_example": 3}
     [pref_msg] = [m for m in result.metrics["messages"] if m.startswith("data/raw/pref.jsonl")]
-    assert "preference pairs belong to a preference-tuning stage" in pref_msg and "not SFT" in pref_msg
+    assert "are read by the preference-data stage" in pref_msg and "not SFT" in pref_msg
 
 
 @pytest.mark.parametrize("files, expected", [
@@ -341,16 +341,16 @@ def test_real_kto_keeps_only_desirable_rows(tmp_path):
 
 
 @needs_shared
-def test_real_dpo_is_reported_as_unsupported_in_one_sentence(tmp_path):
+def test_real_dpo_is_left_to_the_preference_stage_in_one_sentence(tmp_path):
     metrics, _ = ingest_shared(tmp_path, "dpo_en_demo.json", "identity.json")
-    assert metrics["rules"] == {"unsupported_format": 300} and metrics["malformed"] == 0
+    assert metrics["rules"] == {"preference_pair": 300} and metrics["malformed"] == 0
     [sentence] = [m for m in metrics["messages"] if "dpo_en_demo.json" in m]
     assert "300 rows of preference pairs" in sentence and "not SFT" in sentence
 
 
 @needs_shared
 def test_real_dpo_alone_fails_with_the_reason(tmp_path):
-    with pytest.raises(StageError, match="no trainable rows.*preference-tuning stage"):
+    with pytest.raises(StageError, match="no trainable rows.*read by the preference-data stage"):
         ingest_shared(tmp_path, "dpo_en_demo.json")
 
 

@@ -198,14 +198,18 @@ def test_bad_params_fail_with_one_sentence(tmp_path: Path) -> None:
 
 
 def test_training_evaluation_and_the_blocking_gate(project: Path, tiny_model_dir: Path) -> None:
-    from assets.evaluation import evaluation_report, promoted_adapter
-    from assets.training import lora_adapter
+    from assets.data import preference_pairs
+    from assets.evaluation import alignment_report, evaluation_report, promoted_adapter
+    from assets.training import lora_adapter, preference_adapter
     from resources.trainer import TrainerResource
 
+    # The project's raw data has no preference pairs: the align stage trains nothing, the alignment gate is not
+    # applicable (its blocking check passes), and promotion depends on the SFT gate alone.
+    lifecycle = [*DATA_ASSETS, preference_pairs, lora_adapter, evaluation_report, preference_adapter,
+                 alignment_report, promoted_adapter]
     with dg.instance_for_test() as instance:
         resources = {"project": ProjectResource(params_file=str(project)), "trainer": TrainerResource()}
-        result = dg.materialize([*DATA_ASSETS, lora_adapter, evaluation_report, promoted_adapter, *CHECKS],
-                                resources=resources, instance=instance, raise_on_error=False)
+        result = dg.materialize([*lifecycle, *CHECKS], resources=resources, instance=instance, raise_on_error=False)
         adapter = _metadata(result, "lora_adapter")
         assert adapter["steps"] == 4
         assert adapter["trainable_params"] < adapter["total_params"]
@@ -216,6 +220,10 @@ def test_training_evaluation_and_the_blocking_gate(project: Path, tiny_model_dir
         checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
         assert checks[("lora_adapter", "loads")].passed
         assert checks[("lora_adapter", "eval_loss_finite")].passed
+        assert checks[("preference_pairs", "no_leakage")].passed and checks[("preference_adapter", "loads")].passed
+        aligned_gate = checks[("alignment_report", "aligned_beats_sft")]
+        assert aligned_gate.passed and aligned_gate.metadata["applicable"].value is False
+        assert _metadata(result, "preference_adapter")["skipped"] is True
         gate = checks[("evaluation_report", "fine_tuned_beats_base")]
         # 4 steps of a random tiny model cannot beat the base: the blocking gate fails and promotion is skipped
         assert not gate.passed
@@ -230,11 +238,11 @@ def test_training_evaluation_and_the_blocking_gate(project: Path, tiny_model_dir
         write_project(project.parent, overrides)
         gate_check = dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "fine_tuned_beats_base")
         result = dg.materialize(
-            [*DATA_ASSETS, lora_adapter, evaluation_report, promoted_adapter, *CHECKS], resources=resources,
-            instance=instance,
+            [*lifecycle, *CHECKS], resources=resources, instance=instance,
             selection=dg.AssetSelection.checks(gate_check) | dg.AssetSelection.assets(promoted_adapter),
         )
         [gate] = [e for e in result.get_asset_check_evaluations() if e.check_name == "fine_tuned_beats_base"]
         assert gate.passed, gate.metadata["reasons"].value
         assert _metadata(result, "promoted_adapter")["promoted"] is True
+        assert _metadata(result, "promoted_adapter")["adapter"] == "sft"
         assert (project.parent / "data" / "promoted" / "adapter_model.safetensors").is_file()

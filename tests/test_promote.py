@@ -81,6 +81,8 @@ def _project(tmp_path, metrics: dict, **evaluate):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     metrics = {**metrics, "adapter_sha256": sha256_tree(adapter)}
     params.path("metrics").write_text(json.dumps(metrics))
+    # what evaluate-alignment writes when no preference tuning ran: the SFT adapter is the final one
+    params.path("alignment_metrics").write_text(json.dumps({"applicable": False, "reason": "align.method is none"}))
     return params
 
 
@@ -132,4 +134,60 @@ def test_promote_names_the_missing_metrics(tmp_path):
     params = _project(tmp_path, _metrics())
     params.path("metrics").unlink()
     with pytest.raises(StageError, match="run the 'evaluate' stage first"):
+        run(params)
+
+
+# ------------------------------------------------------------------------------------ with preference tuning
+
+
+def _aligned(tmp_path, gain_ci=(0.05, 0.3)):
+    """A project whose align stage trained an adapter and whose evaluate-alignment measured it."""
+    params = _project(tmp_path, _metrics())
+    aligned = params.path("aligned_adapter")
+    aligned.mkdir(parents=True)
+    (aligned / "adapter_config.json").write_text('{"r": 4}')
+    (aligned / "adapter_model.safetensors").write_bytes(b"aligned weights")
+    alignment = {
+        "applicable": True, "aligned_adapter_sha256": sha256_tree(aligned),
+        "sft_adapter_sha256": sha256_tree(params.path("adapter")),
+        "preference": {"n_pairs": 60, "sft": {"accuracy": 0.7}, "aligned": {"accuracy": 0.85},
+                       "delta": {"accuracy": 0.15},
+                       "ci": {"delta": {"accuracy": {"low": gain_ci[0], "high": gain_ci[1]}}}},
+        "task": {"n_test": 40, "sft": {"exact_match": 0.5}, "aligned": {"exact_match": 0.5}, "forgetting": 0.01,
+                 "probe": {"sft_loss": 3.0, "aligned_loss": 3.01}},
+    }
+    params.path("alignment_metrics").write_text(json.dumps(alignment))
+    return params
+
+
+def test_promote_ships_the_aligned_adapter_when_both_gates_pass(tmp_path):
+    params = _aligned(tmp_path)
+    result = run(params)
+    promoted = params.path("promoted")
+    assert (promoted / "adapter_model.safetensors").read_bytes() == b"aligned weights"
+    manifest = read_json(promoted / MANIFEST)
+    assert manifest["adapter"] == result.metrics["adapter"] == "aligned"
+    assert manifest["adapter_sha256"] == sha256_tree(params.path("aligned_adapter"))
+    assert manifest["sft_adapter_sha256"] == sha256_tree(params.path("adapter"))
+    assert manifest["gate"]["passed"] and manifest["alignment_gate"]["passed"]
+
+
+def test_promote_without_alignment_ships_the_sft_adapter(tmp_path):
+    params = _project(tmp_path, _metrics())  # alignment_metrics: not applicable (align.method none)
+    assert run(params).metrics["adapter"] == "sft"
+    manifest = read_json(params.path("promoted") / MANIFEST)
+    assert manifest["adapter"] == "sft" and manifest["alignment_gate"]["applicable"] is False
+
+
+def test_a_failed_alignment_gate_promotes_nothing(tmp_path):
+    params = _aligned(tmp_path, gain_ci=(-0.02, 0.3))
+    with pytest.raises(StageError, match=r"alignment gate failed: .*does not lie above 0.*align.method: none"):
+        run(params)
+    assert not params.path("promoted").exists()
+
+
+def test_promote_refuses_alignment_metrics_of_another_aligned_adapter(tmp_path):
+    params = _aligned(tmp_path)
+    (params.path("aligned_adapter") / "adapter_model.safetensors").write_bytes(b"retrained")
+    with pytest.raises(StageError, match="measured on another adapter.*evaluate-alignment"):
         run(params)

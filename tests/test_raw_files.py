@@ -216,6 +216,7 @@ def test_all_rows_quarantined_says_so_not_no_data_files(tmp_path):
     params_file = _project(tmp_path, {"a.jsonl": "{bad\n"})
     (params_file.parent / "data" / "raw" / "good.jsonl").unlink()
     params = load_params(params_file)
-    with pytest.raises(ingest.StageError, match=r"1 rows read, 1 quarantined.*\): every row was quarantined \(malformed_json: 1\); add"):
+    with pytest.raises(ingest.StageError,
+                       match=r"1 rows read, 1 quarantined.*\): every row was quarantined \(malformed_json: 1\); add"):
         ingest.run(params)
     assert read_json(params.path("raw_examples") / "report.json")["status"] == "failed"

@@ -22,7 +22,6 @@ Writes: paths.evaluation/ report.html (self-contained), report.md (+ the PNGs it
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import inspect
 import json
 import logging
@@ -51,12 +50,18 @@ from pipelines.io import (
     write_json,
 )
 from pipelines.metrics import HIGHER_IS_BETTER, METRICS, ModelScores, gate, paired_bootstrap_ci, summarise
-from pipelines.schemas import SplitSchema, conversation_problem, trained, validate
+from pipelines.schemas import (
+    PROBE_FILE,
+    SplitSchema,
+    conversation_problem,
+    package_rows,
+    trained,
+    validate,
+)
 from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
 
-PROBE_FILE = "probe_general.jsonl"
 N_SHOWN = 5  # best and worst examples shown in the report, each
 Which = Literal["base", "fine_tuned"]
 
@@ -93,8 +98,7 @@ def build_examples(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[EvalE
 
 def load_probe() -> list[dict[str, Any]]:
     """The general-instruction probe set shipped with the package (a fixed yardstick for forgetting)."""
-    text = importlib.resources.files("pipelines").joinpath(PROBE_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return package_rows(PROBE_FILE)
 
 
 def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]]:

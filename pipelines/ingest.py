@@ -1088,11 +1088,17 @@ def replay_file(params: Params) -> tuple[Path | None, str | None]:
     if cfg.file == SHIPPED_REPLAY:
         return Path(str(importlib.resources.files("pipelines").joinpath(SHIPPED_REPLAY_FILE))), \
             f"pipelines/{SHIPPED_REPLAY_FILE}"
-    path = params.path("raw_dir") / cfg.file
+    raw_dir = params.path("raw_dir")
+    path = raw_dir / cfg.file
     if not path.is_file():
         raise StageError(f"data.replay.file = '{cfg.file}' names '{_relative(path, params.root)}', which is not a "
                          "file; put the replay file there (relative to paths.raw_dir), use 'general' for the set "
                          "shipped with the project, or set data.replay.fraction: 0")
+    real = Path(os.path.realpath(path))  # the rule of raw_files: a link must not read a file from outside
+    zones = (Path(os.path.realpath(raw_dir)), Path(os.path.realpath(params.root)))
+    if not params.data.follow_links and not any(real.is_relative_to(zone) for zone in zones):
+        raise StageError(f"data.replay.file = '{cfg.file}' is a symlink to '{_printable(real)}', outside the project, "
+                         "so it is not read; copy the file into paths.raw_dir, or set data.follow_links: true")
     return path, _relative(path, params.root)
 
 
@@ -1121,13 +1127,13 @@ def run(params: Params) -> StageResult:
             sink = _Sink(ex, qu, params.clean.redact_pii)
             for path, problem in raw_files(raw_dir, params.root, params.data.follow_links):
                 source = _relative(path, params.root)
-                if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
-                    problem = "hidden file, skipped"
-                if problem is None and user_replay is not None and Path(os.path.realpath(path)) == user_replay:
+                if user_replay is not None and Path(os.path.realpath(path)) == user_replay:
                     if replay_path is not None:
                         continue  # read below, as replay rows
                     problem = ("the replay file (data.replay.file), not read as task rows, and not read as replay "
                                "rows while data.replay.fraction is 0")
+                if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
+                    problem = "hidden file, skipped"
                 if problem is not None:
                     skipped += 1
                     reports.append(FileReport(source, messages=[f"{source}: {problem}"]))

@@ -170,6 +170,23 @@ def test_a_missing_replay_file_is_one_sentence(tmp_path):
         ingest.run(params)
 
 
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_a_replay_file_linked_from_outside_follows_the_raw_link_rule(tmp_path, follow_links):
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(json.dumps({"prompt": "Name a colour.", "completion": "Blue."}) + "\n")
+    params = load_params(_project(tmp_path, {"replay": {"fraction": 0.5, "file": "general.jsonl"},
+                                             "follow_links": follow_links}))
+    (params.path("raw_dir") / "general.jsonl").symlink_to(outside)
+    if not follow_links:
+        with pytest.raises(StageError, match=r"data.replay.file = 'general.jsonl' is a symlink to '.*elsewhere.jsonl', "
+                                             r"outside the project, so it is not read"):
+            ingest.run(params)
+        return
+    ingest.run(params)
+    rows = list(read_jsonl(params.path("raw_examples") / "examples.jsonl"))
+    assert [r.get("replay", False) for r in rows] == [False, True]
+
+
 def test_replay_rows_alone_are_no_task_data(tmp_path):
     params = load_params(_project(tmp_path, {"replay": {"fraction": 0.2}}, {"notes.txt": []}))
     with pytest.raises(StageError, match="no trainable rows"):

@@ -19,6 +19,14 @@ of the input rows:
    each stratum when split.stratify_by is set (a group's stratum is its members' most common value).
 4. Rows are written sorted by id, so even the files are byte-identical for shuffled input.
 
+5. The train split alone is then mixed (pipelines.mixing; params `data:`): per-source weights and caps
+   (data.sources), balancing by a field (data.balance_by), and replayed general rows (data.replay, rows with
+   `"replay": true` from the ingest stage). The split is planned on the task rows only, so validation and
+   test are the same with or without mixing. A replay row at least split.group_threshold similar to a
+   validation or test row, or to a row of the forgetting probe, is left out. report.json adds `per_source`
+   (rows per source file in each natural split and in the written train split), `mixing` and `replay`;
+   `counts.train` is the rows written.
+
 The leakage check (also the blocking Dagster asset check) counts exact duplicates and near duplicates
 (pipelines.dedup.similar_pairs at clean.near_dup_threshold, as the grouping) that sit in different splits; it
 is zero by construction as long as split.group_threshold <= clean.near_dup_threshold, and the stage fails

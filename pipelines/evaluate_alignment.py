@@ -48,6 +48,7 @@ from pipelines.chat import TemplateError, TokenizedConversation, tokenize_conver
 from pipelines.config import Params
 from pipelines.evaluate import _load_causal_lm, _read_test_rows, completion_nll, evaluate_models, generate, load_probe
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
+from pipelines.methods import safetensors_adapter
 from pipelines.metrics import METRICS, alignment_gate, preference_scores
 from pipelines.preferences import as_pairs
 
@@ -94,6 +95,8 @@ def load_models(params: Params) -> tuple[AlignedModels, Any]:
         return AlignedModels(_load_causal_lm(aligned_dir, trust), _load_causal_lm(sft_dir, trust)), tokenizer
     from peft import PeftModel
 
+    safetensors_adapter(sft_dir, "re-run the 'train' stage (python -m pipelines train)")
+    safetensors_adapter(aligned_dir, "re-run the 'align' stage (python -m pipelines align)")
     model = PeftModel.from_pretrained(_load_causal_lm(base_dir, trust), sft_dir, adapter_name="sft",
                                       is_trainable=False)
     model.load_adapter(str(aligned_dir), adapter_name="aligned", is_trainable=False)

@@ -36,6 +36,7 @@ from pipelines.config import Params, load_params
 from pipelines.errors import UserError
 from pipelines.evaluate import _load_causal_lm, stop_token_ids
 from pipelines.io import StageError
+from pipelines.methods import safetensors_adapter
 
 NONE = "none"
 PROMPT = "you> "
@@ -67,12 +68,7 @@ def resolve_adapter(params: Params, name: str) -> tuple[str, Path | None]:
 
 
 def _safetensors_adapter(folder: Path) -> Path:
-    """`folder` if its weights are adapter_model.safetensors: peft would otherwise load a pickle (.bin), which can
-    run code."""
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise StageError(f"adapter folder '{folder}' has no adapter_model.safetensors; only safetensors weights are "
-                         "loaded (pickled .bin files can run code): re-save the adapter with safe_serialization=True")
-    return folder
+    return safetensors_adapter(folder, "re-save the adapter with safe_serialization=True")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.io import RUN_RECORD
 from tests.conftest import tiny_overrides
 from tests.test_dvc import copy_repo_with_tickets, dvc_executable, ran_stages, run
 
@@ -53,8 +54,10 @@ class Versioned:
 
 
 def digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under `path` (or of `path` itself), keyed by the path relative to it."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """sha256 of every file under `path` (or of `path` itself), keyed by the path relative to it; without the run
+    records (.run.json: local, in .dvcignore, not versioned; a record left from another run is not `current` for
+    the files DVC restores, pipelines.records.current, so no door takes it for theirs)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != RUN_RECORD)
     return {str(f.relative_to(path)) if f != path else f.name: hashlib.sha256(f.read_bytes()).hexdigest()
             for f in files}
 

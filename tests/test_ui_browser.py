@@ -196,7 +196,8 @@ def test_materialise_data_assets_from_the_browser_then_stop_cleanly(ui_project: 
             expect(page.get_by_text("Row count", exact=True)).to_be_visible()
             expect(page.get_by_text(f"{sum(counts.values()):,}", exact=True).first).to_be_visible()
             for name, n in counts.items():
-                expect(page.get_by_role("row").filter(has_text=f"rows_{name}")).to_contain_text(str(n))
+                row = page.get_by_role("row").filter(has=page.get_by_text(f"rows_{name}", exact=True))
+                expect(row).to_contain_text(str(n))  # rows_train, not rows_train_natural or rows_train_replay
             expect(page.get_by_role("row").filter(has_text="path/train")).to_contain_text(str(splits / "train.jsonl"))
             page.screenshot(path=str(screenshot), full_page=False)
             asset_text = page.inner_text("body")

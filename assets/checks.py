@@ -521,8 +521,8 @@ def aligned_beats_sft(project: ProjectResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=promoted_adapter, name="matches_evaluated_adapter", automation_condition=CHECK_WITH_ASSET,
                 description="The promoted folder holds exactly the adapter its gates passed (the aligned or the SFT "
-                "adapter, as PROMOTED.json says; content hashes match); the evidence shows the champion it was compared "
-                "with (base / champion / candidate side by side, or why there was no comparison).")
+                "adapter, as PROMOTED.json says; content hashes match); the evidence shows the champion it was "
+                "compared with (base / champion / candidate side by side, or why there was no comparison).")
 def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetCheckResult:
     from pipelines.promote import MANIFEST
 

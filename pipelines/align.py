@@ -67,6 +67,7 @@ from pipelines.io import (
     sha256_file,
     write_json,
 )
+from pipelines.methods import safetensors_adapter
 from pipelines.preferences import as_pairs, as_unpaired
 from pipelines.runcard import library_versions
 from pipelines.train import count_params, load_model, peak_memory_mb
@@ -171,9 +172,7 @@ def load_policy(params: Params, env: TrainEnv) -> tuple[Any, Any, str]:
         for p in ref.parameters():
             p.requires_grad_(False)
         return policy, ref, "the SFT model (a frozen second copy of the fully fine-tuned model)"
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise StageError(f"adapter folder '{adapter_dir}' has no adapter_model.safetensors; re-run the 'train' stage "
-                         "(python -m pipelines train)")
+    safetensors_adapter(adapter_dir, "re-run the 'train' stage (python -m pipelines train)")
     from peft import PeftModel
 
     base = load_model(base_dir, params.train, env, trust_remote_code=trust)

@@ -43,7 +43,7 @@ from typing import Any
 
 from pipelines.config import EvaluateConfig, Params
 from pipelines.io import StageError, read_json
-from pipelines.methods import weights_sha256
+from pipelines.methods import safetensors_adapter, weights_sha256
 from pipelines.metrics import ModelScores, champion_gate, summarise
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,7 @@ def load_beside(host: Any, found: Champion, *, base_dir: Path, trust_remote_code
 
     if found.peft_type is None:
         return _load_causal_lm(found.folder, trust_remote_code, env), None, "a separate whole model"
-    if not (found.folder / "adapter_model.safetensors").is_file():
-        raise StageError(f"'{found.folder}' has no adapter_model.safetensors; only safetensors are loaded (a .bin "
-                         "file is a pickle that can run code)")
+    safetensors_adapter(found.folder, "re-promote an adapter saved with safe_serialization=True")
     from peft import PeftModel
 
     if found.peft_type in SHARED_TYPES and _host_type(host) == found.peft_type:

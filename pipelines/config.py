@@ -15,13 +15,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipelines.errors import ConfigError
 from pipelines.metrics import METRICS, UNIT_INTERVAL_METRICS
+
+# Chain-of-thought answers (pipelines.metrics.extract_answer). Reasoning: a <think> block; or the text before a
+# </think> that has no opening tag (templates such as DeepSeek-R1's open the block in the prompt); or an unclosed
+# <think> to the end (a generation cut off while reasoning: it has no answer).
+DEFAULT_REASONING_PATTERN = r"(?s)<think>(.*?)</think>|^((?:(?!<think>).)*?)</think>|<think>(.*)$"
+DEFAULT_ANSWER_PATTERNS = (
+    r"(?im)^[ \t*_#]*(?:final answer|answer)[ \t*_]*[:：][ \t*_]*(.+?)[ \t*_]*$",  # Answer: X / **Final answer:** X
+    r"(?im)\bthe (?:final )?answer is[ \t]*:?[ \t]*(.+?)[ \t]*\.?[ \t]*$",  # ... so the answer is X.
+    r"\\boxed\{([^{}]*)\}",  # \boxed{X} (maths datasets)
+)
 
 
 class _Section(BaseModel):
@@ -153,6 +163,82 @@ class ModelConfig(_Section):
 
 
 Format = Literal["auto", "alpaca", "prompt_completion", "prompt_response", "input_output", "messages", "sharegpt"]
+DOTTED_FIELD = re.compile(r"[^.\s]+(\.[^.\s]+)*")  # a row field as dotted keys: source, meta.category
+RAW_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")  # what pipelines.ingest reads (READERS)
+SHIPPED_REPLAY = "general"  # data.replay.file naming the general set shipped in the package
+
+
+def _dotted_field(name: str, example: str = "meta.category") -> str:
+    if not DOTTED_FIELD.fullmatch(name):
+        raise ValueError(f"give a row field as dotted keys without spaces, e.g. {example}")
+    return name
+
+
+def _inside_raw_dir(value: str, key: str) -> str:
+    """A path relative to paths.raw_dir that stays inside it (a glob or a file)."""
+    if not value.strip():
+        raise ValueError(f"an empty {key} names no file; give a path relative to paths.raw_dir, e.g. general.jsonl")
+    normal = PurePath(os.path.normpath(value))
+    if Path(value).is_absolute() or normal.parts[0] == "..":
+        raise ValueError(f"{key} is relative to paths.raw_dir and must stay inside it, e.g. general.jsonl or "
+                         "sub/*.csv")
+    return value
+
+
+class ReplayConfig(_Section):
+    """Replay against forgetting: general instruction rows mixed into the TRAIN split only (pipelines.split).
+
+    The rows are read by the ingest stage (system prompt and forced format of `data` are not applied to them),
+    cleaned and formatted like every row, and the split stage puts a seeded sample of them into train.
+    """
+
+    fraction: float = Field(
+        0.0, ge=0, le=0.9,
+        description="Share of the final train split that is replayed general data: k = round(fraction / (1 - "
+        "fraction) * task train rows) replay rows are added. 0 (default): off, nothing is read. 0.1-0.3 is "
+        "usual; the split stage refuses a share the file cannot fill.",
+    )
+    file: str = Field(
+        SHIPPED_REPLAY,
+        description="'general': the set shipped with the project (pipelines/replay_general.jsonl: 300 short, "
+        "original, generated instruction/answer pairs, disjoint from the forgetting probe). Or a file (JSONL, "
+        "JSON, CSV, Parquet, any row format ingest reads) relative to paths.raw_dir: it is read as replay "
+        "rows only, never as task rows, and DVC and the raw-data sensor track it with the raw files.",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _a_file_in_raw_dir(cls, value: str) -> str:
+        if value == SHIPPED_REPLAY:
+            return value
+        _inside_raw_dir(value, "data.replay.file")
+        if any(ch in value for ch in "*?["):
+            raise ValueError("give one file, not a glob: the replay set is one file")
+        if not value.lower().endswith(RAW_SUFFIXES):
+            raise ValueError(f"give 'general' or a data file ending in {', '.join(RAW_SUFFIXES)}")
+        return value
+
+
+class SourceMix(_Section):
+    """How many TRAIN rows one source (a raw file, or every file a glob matches) contributes."""
+
+    match: str = Field(
+        description="Glob over a row's source file relative to paths.raw_dir (fnmatch: '*' also crosses '/'), "
+        "e.g. tickets_legacy.csv or faq/*.jsonl; a row goes to the first entry that matches it."
+    )
+    weight: float = Field(
+        1.0, ge=0, description="Multiplies the source's train rows: 2 = every row twice, 1.5 = every row once and a "
+        "seeded half again, 0.5 = a seeded half, 0 = none (its validation and test rows stay).",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="At most this many train rows of the entry (every file its glob matches, together) "
+        "after weighting, a seeded choice; None: no cap.",
+    )
+
+    @field_validator("match")
+    @classmethod
+    def _relative_glob(cls, value: str) -> str:
+        return _inside_raw_dir(value, "match")
 
 
 class DataConfig(_Section):
@@ -172,6 +258,37 @@ class DataConfig(_Section):
         False, description="Read symlinks in the raw folder that point outside the project. Off: such a link is "
         "reported and skipped, so a committed link cannot copy a file such as ~/.ssh/id_rsa into the outputs.",
     )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    # Multi-task mixing of the TRAIN split (pipelines.split); validation and test keep the natural mix so the
+    # evaluation measures the data as it is. Applied in this order: sources, then balance_by, then replay.
+    sources: list[SourceMix] = Field(
+        default_factory=list, description="Per-source weights and row caps of the train split, e.g. [{match: "
+        "tickets_legacy.csv, weight: 2}, {match: 'faq/*.jsonl', max_rows: 200}]; [] (default): every source as is.",
+    )
+    balance_by: str | None = Field(
+        None, description="Row field (dotted, e.g. meta.category) whose values get equal numbers of train rows "
+        "(balance_rows); rows without it form one more value. None: no balancing.",
+    )
+    balance_rows: Literal["min", "max"] | Annotated[int, Field(ge=1)] = Field(
+        "min", description="Train rows per value of balance_by: min = the rarest value's count (seeded "
+        "undersampling), max = the commonest's (rows repeated, seeded), or a number (cut or repeated to it).",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _one_entry_per_glob(cls, sources: list[SourceMix]) -> list[SourceMix]:
+        seen: set[str] = set()
+        for entry in sources:
+            if entry.match in seen:
+                raise ValueError(f"'{entry.match}' is listed twice; a row goes to the first entry that matches, so "
+                                 "the second would never apply: merge the two entries")
+            seen.add(entry.match)
+        return sources
+
+    @field_validator("balance_by")
+    @classmethod
+    def _balance_field(cls, name: str | None) -> str | None:
+        return None if name is None else _dotted_field(name)
 
     @field_validator("system_prompt")
     @classmethod
@@ -268,8 +385,8 @@ class SplitConfig(_Section):
 
     @field_validator("stratify_by")
     @classmethod
-    def _dotted_field(cls, name: str | None) -> str | None:
-        if name is not None and not re.fullmatch(r"[^.\s]+(\.[^.\s]+)*", name):
+    def _stratify_field(cls, name: str | None) -> str | None:
+        if name is not None and not DOTTED_FIELD.fullmatch(name):
             raise ValueError("give a row field as dotted keys without spaces, e.g. meta.category, or null")
         return name
 
@@ -553,6 +670,21 @@ class TrainConfig(_Section):
         return steps
 
 
+def _regex(pattern: str, groups: int) -> re.Pattern[str]:
+    """The compiled pattern; a ValueError saying why when it does not compile, matches the empty string, or has
+    fewer than `groups` capturing groups."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"the regular expression {pattern!r} does not compile ({exc}); fix it") from None
+    if compiled.groups < groups:
+        raise ValueError(f"the regular expression {pattern!r} needs a capturing group (...) around the answer")
+    if compiled.fullmatch(""):
+        raise ValueError(f"the regular expression {pattern!r} matches the empty text, so it would find an answer "
+                         "or reasoning in every text; make it require something")
+    return compiled
+
+
 class EvaluateConfig(_Section):
     """Base model vs fine-tuned adapter on the held-out test split."""
 
@@ -584,6 +716,48 @@ class EvaluateConfig(_Section):
         "primary metric's units; 0: never worse; 0.02 is one row in 50 of exact match, the noise of a retrain on "
         "similar data. Shares in [0, 1] differ by at most 1, so 1 switches the rule off.",
     )
+    breakdown_by: list[str] = Field(
+        ["source"], description="Row fields (dotted) the report breaks every metric down by, with bootstrap "
+        "intervals per value: 'source' (the raw file), 'meta.category', ... [] : no breakdown.",
+    )
+    reasoning_pattern: str | None = Field(
+        DEFAULT_REASONING_PATTERN,
+        description="Regular expression of the reasoning blocks in an answer (default: <think>...</think>; a "
+        "closing tag without an opening one, as templates that open the block in the prompt produce; an unclosed "
+        "<think>, a generation cut off while reasoning). Every match is removed before scoring; its first group "
+        "that took part (else the whole match) is reasoning. None: off.",
+    )
+    answer_patterns: list[str] = Field(
+        list(DEFAULT_ANSWER_PATTERNS),
+        description="Regular expressions of the final answer, tried in order after the reasoning blocks are "
+        "removed: the first that matches gives its last match's group 1 as the answer, and the text before it is "
+        "reasoning. An answer line with no text before it is no reasoning: the text is scored as it is. Defaults: "
+        "an 'Answer:' / 'Final answer:' line, '... the answer is X.', '\\boxed{X}'. [] : off.",
+    )
+
+
+    @field_validator("breakdown_by")
+    @classmethod
+    def _breakdown_fields(cls, names: list[str]) -> list[str]:
+        for name in names:
+            _dotted_field(name, "source or meta.category")
+        if len(set(names)) < len(names):
+            raise ValueError("a field is listed twice; list each once")
+        return names
+
+    @field_validator("reasoning_pattern")
+    @classmethod
+    def _reasoning_regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            _regex(pattern, groups=0)
+        return pattern
+
+    @field_validator("answer_patterns")
+    @classmethod
+    def _answer_regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            _regex(pattern, groups=1)
+        return patterns
 
     @field_validator("primary_metric")
     @classmethod
@@ -710,7 +884,7 @@ class AlignConfig(_Section):
     undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
     seed: int = Field(42, ge=0, description="Seed for data order (seeded per epoch, so a resume replays it).")
     learning_rate: float = Field(
-        5e-5, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
+        1e-4, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
         "fine-tuning); LoRA takes ~10x a full fine-tune's."
     )
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
@@ -722,9 +896,9 @@ class AlignConfig(_Section):
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored if max_steps > 0).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
-    eval_steps: int = Field(25, ge=1, description="Evaluate on the validation pairs every N steps.")
-    save_steps: int = Field(25, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
+    max_steps: int = Field(40, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
+    eval_steps: int = Field(10, ge=1, description="Evaluate on the validation pairs every N steps.")
+    save_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
     early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")
     logging_steps: int = Field(5, ge=1, description="Log loss and rewards every N steps.")
     report_to: Literal["none", "tensorboard", "mlflow"] = Field(
@@ -831,9 +1005,12 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
         parent = error["loc"][:-1]
         section: type[BaseModel] = Params
         for part in parent:
+            if isinstance(part, int):  # an item of a list of sections (data.sources.0)
+                continue
             field = section.model_fields.get(str(part))
-            # a section typed `X | None` (the optional method sections of train:) is X here
-            kinds = (field.annotation, *getattr(field.annotation, "__args__", ())) if field else ()
+            # a section typed `X | None` (the optional method sections of train:) or list[X] (data.sources) is X here
+            annotation = field.annotation if field else None
+            kinds = (annotation, *get_args(annotation)) if annotation is not None else ()
             section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), section)
         allowed = ", ".join(k for k in section.model_fields if k not in ("root", "file"))
         return f"unknown key '{loc}'; allowed keys here: {allowed}"

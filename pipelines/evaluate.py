@@ -17,6 +17,16 @@ When the SFT adapter is the final candidate (align.method none), the champion, t
 (paths.promoted, read as it is now: not a DVC dependency), answers the same test rows too, and the `champion`
 section of metrics.json compares them side by side (pipelines.champion; the rule is applied by promote).
 
+Chain-of-thought rows: exact match and the task metrics compare final answers, taken out of the reference
+and of each output by pipelines.metrics.extract_answer (evaluate.reasoning_pattern, answer_patterns: <think>
+blocks, an "Answer:" line, "the answer is X"); a text without reasoning is scored as it is. metrics.json
+"reasoning" counts, per side, the rows with reasoning, those cut off before an answer, and the reasoning
+length in tokens of the evaluation tokenizer; examples.jsonl keeps the raw output and the extracted answer.
+
+Every metric is also broken down per value of each evaluate.breakdown_by field (default: `source`, the raw
+file of the row), each value with its own bootstrap intervals and paired delta interval (metrics.json
+"breakdown"; the report's "Metrics per ..." tables).
+
 Reads:  paths.base_model, paths.adapter (+ train_log.json), paths.splits/test.jsonl (+ train and
         validation for the token histogram fallback), paths.formatted/report.json (token histogram),
         paths.promoted (the champion, when align.method is none).
@@ -27,7 +37,6 @@ Writes: paths.evaluation/ report.html (self-contained), report.md (+ the PNGs it
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import inspect
 import json
 import logging
@@ -43,7 +52,14 @@ from pandera.errors import SchemaErrors
 
 from pipelines import champion as champion_seat
 from pipelines import report
-from pipelines.chat import RENDER_ERRORS, TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
+from pipelines.chat import (
+    RENDER_ERRORS,
+    TemplateError,
+    TokenizedConversation,
+    encode_text,
+    tokenize_conversation,
+    tokenize_prompt,
+)
 from pipelines.config import EvaluateConfig, Params
 from pipelines.io import (
     StageError,
@@ -56,23 +72,34 @@ from pipelines.io import (
     sha256_tree,
     write_json,
 )
-from pipelines.methods import saves_full_model
+from pipelines.methods import safetensors_adapter, saves_full_model
 from pipelines.metrics import (
     HIGHER_IS_BETTER,
     METRICS,
+    Answer,
     ModelScores,
+    extract_answer,
     gate,
     paired_bootstrap_ci,
     score_example,
     summarise,
 )
-from pipelines.schemas import SplitSchema, conversation_problem, describe_failures, trained, validate
+from pipelines.schemas import (
+    PROBE_FILE,
+    SplitSchema,
+    conversation_problem,
+    describe_failures,
+    field_label,
+    package_rows,
+    trained,
+    validate,
+)
 from pipelines.train_env import TrainEnv
 
 log = logging.getLogger(__name__)
 
-PROBE_FILE = "probe_general.jsonl"
 N_SHOWN = 5  # best and worst examples shown in the report, each
+BREAKDOWN_VALUES = 20  # values per evaluate.breakdown_by field with their own metrics (the largest); the rest counted
 Which = Literal["base", "fine_tuned", "champion"]
 
 
@@ -108,8 +135,7 @@ def build_examples(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[EvalE
 
 def load_probe() -> list[dict[str, Any]]:
     """The general-instruction probe set shipped with the package (a fixed yardstick for forgetting)."""
-    text = importlib.resources.files("pipelines").joinpath(PROBE_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return package_rows(PROBE_FILE)
 
 
 def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]]:
@@ -201,9 +227,7 @@ def load_models(base_dir: Path, adapter_dir: Path, *, full: bool, trust_remote_c
     base = _load_causal_lm(base_dir, trust_remote_code, env, four_bit=four_bit and not full)
     if full:
         return Models(tuned=_load_causal_lm(adapter_dir, trust_remote_code, env), separate_base=base), tokenizer
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise StageError(f"adapter folder '{adapter_dir}' has no adapter_model.safetensors; "
-                         "re-run the 'train' stage (python -m pipelines train)")
+    safetensors_adapter(adapter_dir, "re-run the 'train' stage (python -m pipelines train)")
     tuned = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     return Models(tuned=tuned.eval()), tokenizer
 
@@ -382,35 +406,117 @@ def _probe_summary(base: tuple[list[float], list[int]], tuned: tuple[list[float]
             "n": len(counts), "n_tokens": sum(counts), "max_forgetting": cfg.max_forgetting}
 
 
+@dataclass
+class Answers:
+    """The scored answers of the test rows (pipelines.metrics.extract_answer), in example order, and the length of
+    each one's reasoning in tokens of the evaluation tokenizer (pipelines.chat.encode_text; 0 without reasoning)."""
+
+    reference: list[Answer]
+    base: list[Answer]
+    fine_tuned: list[Answer]
+    tokens: dict[str, list[int]]  # "reference" | "base" | "fine_tuned" -> reasoning tokens per example
+
+
+def extract_answers(tokenizer: Any, references: Sequence[str], base: Sequence[str], tuned: Sequence[str],
+                    cfg: EvaluateConfig) -> Answers:
+    """Final answers and reasoning lengths of the references and both models' outputs (cfg's patterns)."""
+    def extract(texts: Sequence[str]) -> list[Answer]:
+        return [extract_answer(t, cfg.reasoning_pattern, cfg.answer_patterns) for t in texts]
+
+    answers = Answers(extract(references), extract(base), extract(tuned), {})
+    for name in ("reference", "base", "fine_tuned"):
+        answers.tokens[name] = [len(encode_text(tokenizer, a.reasoning)[0]) if a.has_reasoning else 0
+                                for a in getattr(answers, name)]
+    return answers
+
+
+def reasoning_summary(answers: Answers, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Per side: rows whose text carries reasoning, rows with reasoning but no answer (cut off while reasoning),
+    and the mean and largest reasoning length (tokens) over the rows that have reasoning."""
+    out: dict[str, Any] = {"unit": "tokens", "reasoning_pattern": cfg.reasoning_pattern,
+                           "answer_patterns": list(cfg.answer_patterns)}
+    for name in ("reference", "base", "fine_tuned"):
+        items = getattr(answers, name)
+        lengths = [n for a, n in zip(items, answers.tokens[name], strict=True) if a.has_reasoning]
+        out[name] = {"with_reasoning": len(lengths),
+                     "no_answer": sum(a.has_reasoning and not a.text.strip() for a in items),
+                     "reasoning_tokens_mean": round(sum(lengths) / len(lengths), 2) if lengths else 0.0,
+                     "reasoning_tokens_max": max(lengths, default=0)}
+    return out
+
+
+def breakdown(labels: Sequence[str], references: Sequence[str], base: ModelScores, tuned: ModelScores,
+              cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every metric of summarise() per label value (the test rows of one source, one task, ...), each with its
+    bootstrap intervals and paired delta interval; the BREAKDOWN_VALUES largest values, the rest counted."""
+    by_value: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_value.setdefault(label, []).append(i)
+    ordered = sorted(by_value.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    shown, rest = ordered[:BREAKDOWN_VALUES], ordered[BREAKDOWN_VALUES:]
+    values = []
+    for value, idx in shown:
+        def pick(m: ModelScores, idx: list[int] = idx) -> ModelScores:
+            return ModelScores([m.predictions[i] for i in idx], [m.nll_sum[i] for i in idx],
+                               [m.n_tokens[i] for i in idx])
+
+        part, _, _ = summarise([references[i] for i in idx], pick(base), pick(tuned), samples=cfg.bootstrap_samples,
+                               confidence=cfg.confidence)
+        values.append({"value": value, "n": len(idx), "n_json": part["n_json"],
+                       **{k: part[k] for k in ("base", "fine_tuned", "delta", "ci")}})
+    return {"values": values, "left_out": {"values": len(rest), "rows": sum(len(idx) for _, idx in rest)}}
+
+
 def _example_records(examples: list[EvalExample], base: ModelScores, tuned: ModelScores,
-                     base_scores: list[dict[str, Any]], tuned_scores: list[dict[str, Any]],
-                     champion: ModelScores | None = None) -> list[dict[str, Any]]:
-    def side(m: ModelScores, i: int, scores: dict[str, Any]) -> dict[str, Any]:
-        return {"output": m.predictions[i], "loss": m.example_loss[i], "n_tokens": m.n_tokens[i], **scores}
+                     base_scores: list[dict[str, Any]], tuned_scores: list[dict[str, Any]], answers: Answers,
+                     sources: Sequence[Any], champion: tuple[ModelScores, list[Answer]] | None = None
+                     ) -> list[dict[str, Any]]:
+    def side(m: ModelScores, i: int, scores: dict[str, Any], which: Which) -> dict[str, Any]:
+        return {"output": m.predictions[i], "answer": getattr(answers, which)[i].text,
+                "reasoning_tokens": answers.tokens[which][i], "loss": m.example_loss[i], "n_tokens": m.n_tokens[i],
+                **scores}
 
     records = []
     for i, ex in enumerate(examples):
-        records.append({"id": ex.id, "messages": ex.messages[:-1], "prompt": ex.prompt, "reference": ex.reference,
-                        "base": side(base, i, base_scores[i]), "fine_tuned": side(tuned, i, tuned_scores[i])})
+        records.append({"id": ex.id, "source": sources[i], "messages": ex.messages[:-1], "prompt": ex.prompt,
+                        "reference": ex.reference, "reference_answer": answers.reference[i].text,
+                        "reference_reasoning_tokens": answers.tokens["reference"][i],
+                        "base": side(base, i, base_scores[i], "base"),
+                        "fine_tuned": side(tuned, i, tuned_scores[i], "fine_tuned")})
         if champion is not None:
-            records[-1]["champion"] = side(champion, i, score_example(champion.predictions[i], ex.reference))
+            scores, extracted = champion
+            records[-1]["champion"] = {"output": scores.predictions[i], "answer": extracted[i].text,
+                                       "loss": scores.example_loss[i], "n_tokens": scores.n_tokens[i],
+                                       **score_example(extracted[i].text, answers.reference[i].text)}
     return records
+
+
+def _answers_of(scores: ModelScores, cfg: EvaluateConfig) -> tuple[ModelScores, list[Answer]]:
+    """`scores` with each prediction replaced by its final answer (pipelines.metrics.extract_answer); the answers."""
+    extracted = [extract_answer(t, cfg.reasoning_pattern, cfg.answer_patterns) for t in scores.predictions]
+    return ModelScores([a.text for a in extracted], scores.nll_sum, scores.n_tokens), extracted
 
 
 def evaluate_models(models: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                     probe_rows: Sequence[dict[str, Any]], cfg: EvaluateConfig, *, champion: bool = False) -> Evaluation:
-    """Generate, score and compare both models on `rows`; measure forgetting on `probe_rows`. With `champion`, the
-    champion seat of `models` (pipelines.champion) answers the same rows too and `Evaluation.champion` compares the
-    fine-tuned model with it (one more generation and loss pass; no probe)."""
+    """Generate, score and compare both models on `rows`; measure forgetting on `probe_rows`.
+
+    Exact match and the task metrics compare the final answers (extract_answers: reasoning removed); the loss is
+    over the whole reference answer, reasoning included, as it was trained. With `champion`, the champion seat of
+    `models` (pipelines.champion) answers the same rows too, scored the same way, and `Evaluation.champion` compares
+    the fine-tuned model with it (one more generation and loss pass; no probe)."""
     examples = build_examples(rows, tokenizer)
     test_tok = tokenize_for_loss(tokenizer, [(e.messages, e.tools) for e in examples])
     probe_tok = tokenize_for_loss(tokenizer, [(r["messages"], r.get("tools")) for r in probe_rows])
     seconds: dict[str, float] = {}
     base, base_probe = _score_model(models, "base", tokenizer, examples, test_tok, probe_tok, cfg, seconds)
     tuned, tuned_probe = _score_model(models, "fine_tuned", tokenizer, examples, test_tok, probe_tok, cfg, seconds)
-    references = [e.reference for e in examples]
+    answers = extract_answers(tokenizer, [e.reference for e in examples], base.predictions, tuned.predictions, cfg)
+    references = [a.text for a in answers.reference]
+    scored_base = ModelScores([a.text for a in answers.base], base.nll_sum, base.n_tokens)
+    scored_tuned = ModelScores([a.text for a in answers.fine_tuned], tuned.nll_sum, tuned.n_tokens)
     summary, base_scores, tuned_scores = summarise(
-        references, base, tuned, samples=cfg.bootstrap_samples, confidence=cfg.confidence
+        references, scored_base, scored_tuned, samples=cfg.bootstrap_samples, confidence=cfg.confidence
     )
     champ = None
     if champion:
@@ -419,24 +525,35 @@ def evaluate_models(models: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
     summary.update({
         "n_test": len(examples), "primary_metric": cfg.primary_metric, "probe": probe,
         "forgetting": probe["fine_tuned_loss"] - probe["base_loss"],
+        "reasoning": reasoning_summary(answers, cfg),
+        "breakdown": {name: breakdown([field_label(r, name) for r in rows], references, scored_base, scored_tuned, cfg)
+                      for name in cfg.breakdown_by},
     })
     passed, reasons = gate(summary, cfg)
     summary["gate"] = {"passed": passed, "reasons": reasons, "min_improvement": cfg.min_improvement,
                        "max_forgetting": cfg.max_forgetting}
-    return Evaluation(summary, _example_records(examples, base, tuned, base_scores, tuned_scores, champ), seconds,
-                      champion_seat.compare(references, champ, tuned, cfg) if champ is not None else None)
+    champion_answers, comparison = None, None
+    if champ is not None:
+        scored_champ, extracted = _answers_of(champ, cfg)
+        champion_answers = (champ, extracted)
+        comparison = champion_seat.compare(references, scored_champ, scored_tuned, cfg)
+    records = _example_records(examples, base, tuned, base_scores, tuned_scores, answers,
+                               [r.get("source") for r in rows], champion_answers)
+    return Evaluation(summary, records, seconds, comparison)
 
 
 def compare_with_champion(models: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: EvaluateConfig
                           ) -> tuple[dict[str, Any], dict[str, float]]:
     """The fine-tuned seat of `models` vs its champion seat on `rows` alone (no base, no probe): the comparison of
-    pipelines.champion.compare and the seconds each pass took. For a candidate whose other evaluation was skipped."""
+    pipelines.champion.compare, on final answers as evaluate_models scores them, and the seconds each pass took. For
+    a candidate whose other evaluation was skipped."""
     examples = build_examples(rows, tokenizer)
     test_tok = tokenize_for_loss(tokenizer, [(e.messages, e.tools) for e in examples])
     seconds: dict[str, float] = {}
     tuned, _ = _score_model(models, "fine_tuned", tokenizer, examples, test_tok, None, cfg, seconds)
     champ, _ = _score_model(models, "champion", tokenizer, examples, test_tok, None, cfg, seconds)
-    return champion_seat.compare([e.reference for e in examples], champ, tuned, cfg), seconds
+    references = [extract_answer(e.reference, cfg.reasoning_pattern, cfg.answer_patterns).text for e in examples]
+    return champion_seat.compare(references, _answers_of(champ, cfg)[0], _answers_of(tuned, cfg)[0], cfg), seconds
 
 
 def rank_examples(records: list[dict[str, Any]], primary: str, k: int = N_SHOWN) -> tuple[list[dict], list[dict]]:
@@ -619,6 +736,7 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
         "base_loss": round(s["base"]["loss"], 4), "fine_tuned_loss": round(s["fine_tuned"]["loss"], 4),
         "forgetting": round(s["forgetting"], 4), "gate_passed": s["gate"]["passed"],
         "gate_reasons": s["gate"]["reasons"], "metric_table_md": report.metric_table_markdown(s),
+        "breakdown_md": "\n\n".join(report.breakdown_markdown(s)) or "no breakdown (evaluate.breakdown_by: [])",
         **champion_seat.figures(s["champion"], primary),
         "champion_table_md": report.champion_table_markdown(s["champion"], ("base", s["base"])),
         "loss_curve": {"train": train_pts, "eval": eval_pts}, "token_histogram": hist,

@@ -64,6 +64,7 @@ from pipelines.evaluate import (
 )
 from pipelines.evaluate import load_models as load_sft_model
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
+from pipelines.methods import safetensors_adapter
 from pipelines.metrics import METRICS, alignment_gate, preference_scores
 from pipelines.preferences import as_pairs
 
@@ -116,6 +117,8 @@ def load_models(params: Params) -> tuple[AlignedModels, Any]:
         return AlignedModels(_load_causal_lm(aligned_dir, trust), _load_causal_lm(sft_dir, trust)), tokenizer
     from peft import PeftModel
 
+    safetensors_adapter(sft_dir, "re-run the 'train' stage (python -m pipelines train)")
+    safetensors_adapter(aligned_dir, "re-run the 'align' stage (python -m pipelines align)")
     model = PeftModel.from_pretrained(_load_causal_lm(base_dir, trust), sft_dir, adapter_name="sft",
                                       is_trainable=False)
     model.load_adapter(str(aligned_dir), adapter_name="aligned", is_trainable=False)

@@ -7,8 +7,9 @@ place that decides tokens and the assistant loss mask), and writes `formatted/`:
     dataset.jsonl     the row + n_tokens, n_completion_tokens, truncated (+ prompt, completion strings
                       when format.output == prompt_completion)
     quarantine.jsonl  rows that cannot be trained on (overlong, no completion tokens, template failure)
-    report.json       counts, token-length statistics, a histogram of n_tokens, and "rendering": how many
-                      rows each rendering adaptation touched (below)
+    report.json       counts, token-length statistics, a histogram of n_tokens, "rendering": how many
+                      rows each rendering adaptation touched (below), and "per_source": rows in, out and
+                      quarantined per source file (replayed general rows, data.replay, under their own source)
 
 Rendering (pipelines.chat, where each rule is documented): a row is rendered the way the base model's
 template can render it, and every adaptation is counted in report.json "rendering" (input rows kept):
@@ -367,6 +368,7 @@ class _Chunk:
     expanded: int
     first_reasons: dict[str, str]  # the first quarantine reason per rule (for the error when nothing survives)
     problem: str | None  # FormattedSchema failure, or None
+    per_source: dict[str, Counter[str]]  # source file -> {rows_in, rows_out, quarantined}
 
 
 # Set in each worker process (fork inherits it; the pool's initializer sets it otherwise).
@@ -386,8 +388,13 @@ def _format_chunk(lines: list[str]) -> _Chunk:
     Workers take raw lines and return JSONL text, so the parent only moves strings: JSON parsing,
     tokenising, validation and serialisation all run in parallel.
     """
-    result = format_rows(map(json.loads, lines), _WORKER["tokenizer"], _WORKER["cfg"])
+    rows_in = [json.loads(line) for line in lines]
+    result = format_rows(rows_in, _WORKER["tokenizer"], _WORKER["cfg"])
     rows = result.rows
+    per_source: dict[str, Counter[str]] = {}
+    for key, items in (("rows_in", rows_in), ("rows_out", rows), ("quarantined", result.quarantine)):
+        for item in items:
+            per_source.setdefault(str(item.get("source")), Counter())[key] += 1
     return _Chunk(
         data="".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
         quarantine="".join(json.dumps(q, ensure_ascii=False, default=str) + "\n" for q in result.quarantine),
@@ -395,7 +402,7 @@ def _format_chunk(lines: list[str]) -> _Chunk:
         n_completion=[r["n_completion_tokens"] for r in rows], rules=Counter(q["rule"] for q in result.quarantine),
         truncated=result.truncated, dropped=result.dropped, rows_in=result.rows_in, rendering=result.rendering,
         expanded=result.expanded, first_reasons={q["rule"]: q["reason"] for q in reversed(result.quarantine)},
-        problem=_schema_problem(rows) if rows else None,
+        problem=_schema_problem(rows) if rows else None, per_source=per_source,
     )
 
 
@@ -457,6 +464,7 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
     rules: Counter[str] = Counter()
     rendering: Counter[str] = Counter({rule: 0 for rule in RENDERING_RULES})
     first_reasons: dict[str, str] = {}
+    per_source: dict[str, Counter[str]] = {}
     seen_ids: set[str] = set()
     truncated = dropped = rows_in = expanded = 0
     out_dir = params.path("formatted")
@@ -481,6 +489,8 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
                 expanded += chunk.expanded
                 rendering.update(chunk.rendering)
                 first_reasons = {**chunk.first_reasons, **first_reasons}
+                for name, counts in chunk.per_source.items():
+                    per_source.setdefault(name, Counter()).update(counts)
         lengths, completions = np.asarray(n_tokens, dtype=np.int64), np.asarray(n_completion, dtype=np.int64)
         seconds = time.perf_counter() - started
         report = {
@@ -491,6 +501,8 @@ def run(params: Params, *, workers: int | None = None) -> StageResult:
             "tokens_total": int(lengths.sum()), "completion_tokens_total": int(completions.sum()),
             "n_tokens": token_stats(lengths), "n_completion_tokens": token_stats(completions),
             "token_histogram": token_histogram(lengths, cfg.max_length),
+            "per_source": {name: {key: per_source[name][key] for key in ("rows_in", "rows_out", "quarantined")}
+                           for name in sorted(per_source)},
             "seconds": round(seconds, 2), "rows_per_second": round(rows_in / seconds, 1) if seconds else 0.0,
         }
         # Timings stay out of the file: the same rows give the same bytes, so DVC skips everything downstream.

@@ -60,6 +60,14 @@ sentence in the report; each change made to a kept row is counted in the report'
 Files are found by `raw_files`: symlinks that leave the project are reported and not read unless
 data.follow_links; dangling links, pipes and hidden files are reported; a file name that is not UTF-8 is
 read and recorded with its bytes escaped. A CSV's delimiter is sniffed (`_read_csv`).
+
+Replay (data.replay, pipelines.split mixes it into the train split). With data.replay.fraction > 0 the
+replay file is read after the raw files, by the same readers and rules, except that data.format and
+data.system_prompt are not applied (general data keeps its own form: formats are detected, no task
+system prompt is added); its rows carry `"replay": true` and count in the report's `replay` section. The
+file is the set shipped in the package (`general`: source `pipelines/replay_general.jsonl`) or a file in
+paths.raw_dir, which is then never read as task rows (with fraction 0 it is skipped, with a note). Being
+read last, a replay row that duplicates a task row is the one the clean stage drops.
 Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl, report.json.
 """
 
@@ -67,6 +75,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.resources
 import json
 import math
 import os
@@ -78,7 +87,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-from pipelines.config import Params
+from pipelines.config import SHIPPED_REPLAY, Params
 from pipelines.io import StageError, StageResult, atomic_dir, claim_output, write_json
 from pipelines.pii import redact
 from pipelines.schemas import ConversationSchema, conversation_problem, trained, validate
@@ -942,16 +951,21 @@ def _serialise(row: dict[str, Any]) -> tuple[str | None, Rejection | None]:
     return line, None
 
 
-def _route(record: Record, source: str, report: FileReport, sink: _Sink, params: Params) -> None:
-    """One record to the examples (normalised, serialisable) or to the quarantine, counted either way."""
+def _route(record: Record, source: str, report: FileReport, sink: _Sink, params: Params,
+           replay: bool = False) -> None:
+    """One record to the examples (normalised, serialisable) or to the quarantine, counted either way. A replay
+    row is read with format detection and no system prompt added, and is marked `"replay": true`."""
     report.rows_read += 1
     why = record.problem
     row = None
     if why is None:
         changes: Counter = Counter()
-        row, why = normalise_row(record.obj, params.data.format, params.data.system_prompt, changes)
+        fmt, system_prompt = ("auto", None) if replay else (params.data.format, params.data.system_prompt)
+        row, why = normalise_row(record.obj, fmt, system_prompt, changes)
     if row is not None:
         row = {"id": row_id(source, record.line), "source": source, "line": record.line, **row}
+        if replay:
+            row["replay"] = True
         line, why = _serialise(row)
     if why is not None:
         sink.reject(source, record, why)
@@ -964,8 +978,8 @@ def _route(record: Record, source: str, report: FileReport, sink: _Sink, params:
         report.formats[row["format"]] += 1
 
 
-def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileReport:
-    """Read one raw file into `sink`; every record ends up kept or quarantined, never dropped."""
+def _ingest_file(path: Path, source: str, params: Params, sink: _Sink, replay: bool = False) -> FileReport:
+    """Read one raw file (or the replay file) into `sink`; every record ends up kept or quarantined, never dropped."""
     report = FileReport(source)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -978,7 +992,7 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink) -> FileRe
     notes: list[str] = []
     try:
         for record in reader(path, params.data.max_line_bytes, notes):
-            _route(record, source, report, sink, params)
+            _route(record, source, report, sink, params, replay)
     except OSError as exc:  # unreadable (permissions, vanished, I/O error): say so, keep what was read
         notes.append(f"could not be read after {_rows(report.rows_read)} ({exc.strerror or exc}); check the file")
     report.messages += [f"{source}: {note}" for note in notes]
@@ -1065,6 +1079,38 @@ def raw_files(raw_dir: Path, root: Path | None = None, follow_links: bool = Fals
     return sorted(found, key=lambda item: os.fsencode(item[0].relative_to(raw_dir).as_posix()))
 
 
+SHIPPED_REPLAY_FILE = "replay_general.jsonl"  # package data of `pipelines` (pipelines/replay_data.py writes it)
+
+
+def replay_file(params: Params) -> tuple[Path | None, str | None]:
+    """(path, source) of the replay file the stage reads, (None, None) when data.replay is off; a user file in
+    paths.raw_dir that does not exist is a StageError naming the key."""
+    cfg = params.data.replay
+    if cfg.fraction == 0:
+        return None, None
+    if cfg.file == SHIPPED_REPLAY:
+        return Path(str(importlib.resources.files("pipelines").joinpath(SHIPPED_REPLAY_FILE))), \
+            f"pipelines/{SHIPPED_REPLAY_FILE}"
+    raw_dir = params.path("raw_dir")
+    path = raw_dir / cfg.file
+    if not path.is_file():
+        raise StageError(f"data.replay.file = '{cfg.file}' names '{_relative(path, params.root)}', which is not a "
+                         "file; put the replay file there (relative to paths.raw_dir), use 'general' for the set "
+                         "shipped with the project, or set data.replay.fraction: 0")
+    real = Path(os.path.realpath(path))  # the rule of raw_files: a link must not read a file from outside
+    zones = (Path(os.path.realpath(raw_dir)), Path(os.path.realpath(params.root)))
+    if not params.data.follow_links and not any(real.is_relative_to(zone) for zone in zones):
+        raise StageError(f"data.replay.file = '{cfg.file}' is a symlink to '{_printable(real)}', outside the project, "
+                         "so it is not read; copy the file into paths.raw_dir, or set data.follow_links: true")
+    return path, _relative(path, params.root)
+
+
+def _user_replay_path(params: Params) -> Path | None:
+    """The replay file when it lies in paths.raw_dir (then it is never task data), else None."""
+    cfg = params.data.replay
+    return None if cfg.file == SHIPPED_REPLAY else Path(os.path.realpath(params.path("raw_dir") / cfg.file))
+
+
 def run(params: Params) -> StageResult:
     raw_dir, out = params.path("raw_dir"), params.path("raw_examples")
     raw_rel = _relative(raw_dir, params.root)
@@ -1072,8 +1118,11 @@ def run(params: Params) -> StageResult:
         raise StageError(f"raw data folder '{raw_rel}' does not exist; create it and put JSONL, JSON, CSV or "
                          "Parquet files in it (paths.raw_dir in params.yaml)")
     claim_output(params, "raw_examples")  # before any work: the folder is the stage's own, and writable
+    replay_path, replay_source = replay_file(params)
+    user_replay = _user_replay_path(params)
     examples_path, quarantine_path = out / "examples.jsonl", out / "quarantine.jsonl"
     reports: list[FileReport] = []
+    replay_report: FileReport | None = None
     skipped = 0
     with atomic_dir(out, "raw_examples") as tmp:
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as ex, \
@@ -1081,6 +1130,11 @@ def run(params: Params) -> StageResult:
             sink = _Sink(ex, qu, params.clean.redact_pii)
             for path, problem in raw_files(raw_dir, params.root, params.data.follow_links):
                 source = _relative(path, params.root)
+                if user_replay is not None and Path(os.path.realpath(path)) == user_replay:
+                    if replay_path is not None:
+                        continue  # read below, as replay rows
+                    problem = ("the replay file (data.replay.file), not read as task rows, and not read as replay "
+                               "rows while data.replay.fraction is 0")
                 if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
                     problem = "hidden file, skipped"
                 if problem is not None:
@@ -1092,8 +1146,11 @@ def run(params: Params) -> StageResult:
                     report.messages.append(f"{source}: the file name is not valid UTF-8, so it is recorded with the "
                                            "undecodable bytes escaped; rename the file to a UTF-8 name")
                 reports.append(report)
+            if replay_path is not None:
+                replay_report = _ingest_file(replay_path, replay_source, params, sink, replay=True)
             sink.flush()
-        summary = {**_summary(reports, params), "files_skipped": skipped}
+        summary = {**_summary(reports + ([replay_report] if replay_report else []), params),
+                   "files_skipped": skipped, "replay": _replay_summary(replay_report, params)}
         failure = _failure(summary, raw_rel, _relative(quarantine_path, params.root), params)
         if failure:
             (tmp / "examples.jsonl").unlink()  # downstream stages must not consume a failed ingest
@@ -1124,8 +1181,17 @@ def _summary(reports: list[FileReport], params: Params) -> dict[str, Any]:
     }
 
 
+def _replay_summary(report: FileReport | None, params: Params) -> dict[str, Any] | None:
+    """The replay file's counts (its rows are also in the totals and per_file); None when replay is off."""
+    if report is None:
+        return None
+    return {"file": params.data.replay.file, "source": report.source, "fraction": params.data.replay.fraction,
+            "rows_read": report.rows_read, "kept": report.kept, "quarantined": report.quarantined}
+
+
 def _failure(summary: dict[str, Any], raw_rel: str, quarantine_rel: str, params: Params) -> str | None:
-    if summary["rows_out"] == 0:
+    replay = summary.get("replay") or {}
+    if summary["rows_out"] - replay.get("kept", 0) == 0:  # replay rows alone are no task to train
         if summary["messages"]:
             why = "; ".join(summary["messages"][:3])
         elif summary["rows_in"]:  # every row quarantined, no whole-file note: name the most common reasons

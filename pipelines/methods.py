@@ -421,13 +421,21 @@ def parent_record(folder: Path) -> dict[str, Any]:
             "method": metrics.get("method"), "base_model_sha256": metrics.get("base_model_sha256")}
 
 
+def safetensors_adapter(folder: Path, fix: str) -> Path:
+    """`folder` when its adapter weights are adapter_model.safetensors; StageError naming the folder and `fix` (what
+    to re-run) otherwise. Every peft load goes through this: without that file peft falls back to
+    adapter_model.bin, a pickle that can run code when loaded."""
+    if not (Path(folder) / "adapter_model.safetensors").is_file():
+        raise StageError(f"adapter folder '{folder}' has no adapter_model.safetensors; only safetensors weights are "
+                         f"loaded (a .bin file is a pickle that can run code): {fix}")
+    return Path(folder)
+
+
 def load_parent_adapter(model: Any, folder: Path) -> Any:
     """The base `model` wrapped with the parent adapter, its weights trainable (peft PeftModel.from_pretrained).
 
     Only adapter_model.safetensors is loaded: without it peft would fall back to adapter_model.bin, a pickle."""
     from peft import PeftModel
 
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise StageError(f"train.init_from: '{folder}' has no adapter_model.safetensors; only safetensors are loaded "
-                         "(a .bin file is a pickle that can run code): re-save the adapter with safe_serialization")
+    safetensors_adapter(folder, "train.init_from names it; re-save the adapter with safe_serialization=True")
     return PeftModel.from_pretrained(model, folder, is_trainable=True)

@@ -5,6 +5,11 @@ per-example losses, `pipelines.promote` and the Dagster asset check call `gate` 
 
     from pipelines.metrics import score_example, summarise, gate
 
+Chain-of-thought answers: `extract_answer` takes the final answer out of a text that carries reasoning
+(`<think>` blocks, "Let's think step by step ... Answer: X"), with the patterns of evaluate.reasoning_pattern
+and evaluate.answer_patterns; exact match and the task metrics below compare the extracted answers of the
+prediction and the reference. A text without reasoning is its own answer, scored exactly as it is.
+
 Metric names (the keys of metrics.json and the allowed values of `evaluate.primary_metric`):
     exact_match     prediction == reference after stripping surrounding whitespace (0/1 per example)
     rouge_l         ROUGE-L F-measure (rouge_score's reference implementation)
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +38,56 @@ UNIT_INTERVAL_METRICS = ("exact_match", "rouge_l", "json_valid", "field_accuracy
 JSON_METRICS = ("json_valid", "field_accuracy")
 FLOAT_SLACK = 1e-9  # 0.25 - 0.2 is 0.0499999...: a delta equal to the bound in decimal passes
 BOOTSTRAP_SEED = 0  # fixed: the same inputs give the same intervals on every run
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A text split into its final answer and its reasoning (extract_answer)."""
+
+    text: str  # what is scored: the final answer, or the whole text when it has no reasoning
+    reasoning: str = ""  # the reasoning blocks and the text before the answer, joined by newlines
+    has_reasoning: bool = False
+
+
+def _group(match: re.Match[str]) -> str:
+    """The first group that took part in the match (patterns may have one group per alternative), else all of it."""
+    return next((g for g in match.groups() if g is not None), match.group(0))
+
+
+def extract_answer(text: str, reasoning_pattern: str | None, answer_patterns: Sequence[str]) -> Answer:
+    """The final answer of `text` and its reasoning (patterns: evaluate.reasoning_pattern, answer_patterns).
+
+    1. Every match of `reasoning_pattern` (a <think> block by default) is removed; its first group that took part
+       is reasoning.
+    2. The first of `answer_patterns` that matches what is left gives the answer: group 1 of its LAST match (the
+       final "Answer:" line wins over earlier ones), stripped; the text before that match is reasoning too. A
+       match with no text before it and no reasoning block is no reasoning ("Answer: 4" alone, or a one-line
+       "The answer is in the manual."): the text stays whole.
+    3. With reasoning blocks but no answer match, the answer is what is left, stripped: empty when the text was
+       all reasoning (a generation cut off inside <think>).
+    Without any reasoning the text is returned unchanged, so it is scored exactly as without this function.
+    """
+    parts: list[str] = []
+    rest = text
+    if reasoning_pattern:
+        def cut(match: re.Match[str]) -> str:
+            parts.append(_group(match))
+            return ""
+
+        rest = re.sub(reasoning_pattern, cut, text)
+    for pattern in answer_patterns:
+        matches = list(re.finditer(pattern, rest))
+        if not matches:
+            continue
+        last = matches[-1]
+        before = rest[: last.start()].strip()
+        if before or parts:
+            reasoning = "\n".join(p.strip() for p in [*parts, before] if p.strip())
+            return Answer(last.group(1).strip(), reasoning, True)
+        break  # an answer line that opens the text is the text itself, not a conclusion of reasoning
+    if parts:
+        return Answer(rest.strip(), "\n".join(p.strip() for p in parts if p.strip()), True)
+    return Answer(text)
 
 
 def exact_match(prediction: str, reference: str) -> float:

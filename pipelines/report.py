@@ -317,12 +317,80 @@ def _probe_line(metrics: dict[str, Any]) -> str:
             f"{metrics['forgetting']:+.4f}{ci_text}; allowed rise {p['max_forgetting']:.4f}.")
 
 
-def _example_cells(r: dict[str, Any]) -> list[str]:
-    return [_prompt_text(r), r["reference"], r["base"]["output"] or "(empty)", r["fine_tuned"]["output"] or "(empty)",
-            f"{r['base']['rouge_l']:.2f} / {r['fine_tuned']['rouge_l']:.2f}"]
+def has_reasoning(metrics: dict[str, Any]) -> bool:
+    """Did any reference or output carry reasoning (then answers were extracted and the report shows both)?"""
+    r = metrics.get("reasoning", {})
+    return any(r.get(side, {}).get("with_reasoning", 0) for side in ("reference", "base", "fine_tuned"))
+
+
+def _example_cells(r: dict[str, Any], answers: bool = False) -> list[str]:
+    cells = [_prompt_text(r), r["reference"], r["base"]["output"] or "(empty)", r["fine_tuned"]["output"] or "(empty)"]
+    if answers:  # the extracted final answers, which exact match and the task metrics compared
+        cells += [r.get("reference_answer", r["reference"]), r["base"].get("answer", r["base"]["output"]) or "(none)",
+                  r["fine_tuned"].get("answer", r["fine_tuned"]["output"]) or "(none)"]
+    return cells + [f"{r['base']['rouge_l']:.2f} / {r['fine_tuned']['rouge_l']:.2f}"]
 
 
 EXAMPLE_HEADER = ["prompt", "reference", "base output", "fine-tuned output", "ROUGE-L base / fine-tuned"]
+ANSWER_HEADER = ["reference answer", "base answer", "fine-tuned answer"]  # extracted (chain-of-thought rows)
+
+
+def example_header(answers: bool = False) -> list[str]:
+    return EXAMPLE_HEADER[:4] + (ANSWER_HEADER if answers else []) + EXAMPLE_HEADER[4:]
+
+
+REASONING_HEADER = ["", "rows with reasoning", "no answer (cut off while reasoning)", "reasoning tokens: mean",
+                    "max"]
+
+
+def reasoning_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Rows with reasoning, rows without an answer, and the reasoning length (tokens) per side."""
+    r = metrics.get("reasoning", {})
+    return [[label, str(s["with_reasoning"]), str(s["no_answer"]), f"{s['reasoning_tokens_mean']:.1f}",
+             str(s["reasoning_tokens_max"])]
+            for side, label in (("reference", "reference"), ("base", "base"), ("fine_tuned", "fine-tuned"))
+            if (s := r.get(side))]
+
+
+REASONING_NOTE = ("Answers with reasoning (<think> blocks, a final 'Answer:' line, ...) are scored on their extracted "
+                  "final answer (evaluate.reasoning_pattern, evaluate.answer_patterns); texts without reasoning as "
+                  "they are. The loss covers the whole answer, reasoning included. Lengths are tokens of the "
+                  "evaluation tokenizer.")
+BREAKDOWN_METRICS = ("exact_match", "rouge_l", "field_accuracy", "loss")  # shown per value, after the primary
+
+
+def _change(entry: dict[str, Any], m: str) -> str:
+    if m not in entry.get("base", {}):
+        return "n/a"
+    ci = entry.get("ci", {}).get("delta", {}).get(m)
+    return (f"{_num(entry['base'][m], m)} → {_num(entry['fine_tuned'][m], m)} "
+            f"({_signed(entry['delta'][m], m)} {_ci(ci, m, signed=True)})").replace(" )", ")")
+
+
+def breakdown_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, note) per evaluate.breakdown_by field: one row per value with n and, per metric,
+    base -> fine-tuned (delta [paired CI])."""
+    tables = []
+    for name, part in metrics.get("breakdown", {}).items():
+        values = part.get("values", [])
+        shown = [m for m in dict.fromkeys([metrics.get("primary_metric", "exact_match"), *BREAKDOWN_METRICS])
+                 if m != "perplexity" and any(m in v.get("base", {}) for v in values)]
+        header = [name, "n", *(f"{LABELS[m]}: base → fine-tuned (delta [CI])" for m in shown)]
+        rows = [[str(v["value"]), str(v["n"]), *(_change(v, m) for m in shown)] for v in values]
+        left = part.get("left_out", {})
+        note = (f"{left['values']} more values ({left['rows']} rows) are not shown." if left.get("values") else "")
+        tables.append((f"Metrics per {name}", header, rows, note))
+    return tables
+
+
+def breakdown_markdown(metrics: dict[str, Any]) -> list[str]:
+    """The breakdown tables as Markdown blocks (heading, table, note)."""
+    blocks = []
+    for title, header, rows, note in breakdown_tables(metrics):
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        blocks.append("\n".join(lines + ([f"\n{note}"] if note else [])))
+    return blocks
 
 
 # ------------------------------------------------------------------------------------- markdown
@@ -343,6 +411,12 @@ def render_markdown(ctx: ReportContext, images: Sequence[str]) -> str:
     if fields:
         out += ["### JSON per-field accuracy", "", "| field | base | fine-tuned | delta | n |", "|---|---|---|---|---|"]
         out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in fields] + [""]
+    for block in breakdown_markdown(m):
+        out += [block, ""]
+    if has_reasoning(m):
+        out += ["## Reasoning", "", REASONING_NOTE, "", "| " + " | ".join(REASONING_HEADER) + " |",
+                "|" + "---|" * len(REASONING_HEADER)]
+        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in reasoning_rows(m)] + [""]
     out += champion_markdown(m.get("champion"), ("base", m["base"]), "fine-tuned")
     out += ["## Forgetting", "", _probe_line(m), ""]
     for name in images:
@@ -351,11 +425,13 @@ def render_markdown(ctx: ReportContext, images: Sequence[str]) -> str:
         out += [f"Token histogram from {ctx.histogram_source}.", ""]
     if "loss_curve.png" not in images:
         out += [NO_LOSS_CURVE, ""]
+    answers = has_reasoning(m)
+    header = example_header(answers)
     for title, records in (("Best examples (fine-tuned)", ctx.best), ("Worst examples (fine-tuned)", ctx.worst)):
         if not records:
             continue
-        out += [f"## {title}", "", "| " + " | ".join(EXAMPLE_HEADER) + " |", "|" + "---|" * len(EXAMPLE_HEADER)]
-        out += ["| " + " | ".join(_md_cell(c) for c in _example_cells(r)) + " |" for r in records] + [""]
+        out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(_md_cell(c) for c in _example_cells(r, answers)) + " |" for r in records] + [""]
     return "\n".join(out)
 
 
@@ -425,6 +501,13 @@ def render_html(ctx: ReportContext, images: dict[str, bytes]) -> str:
         parts += ["<h3>JSON per-field accuracy</h3>",
                   _table(["field", "base", "fine-tuned", "delta", "n"], fields,
                          classes=["", "num", "num", "num", "num"])]
+    for title, header, rows, note in breakdown_tables(m):
+        parts += [f"<h3>{_e(title)}</h3>", _table(header, rows, classes=["", "num", *["num"] * (len(header) - 2)])]
+        if note:
+            parts.append(f"<p class=\"muted\">{_e(note)}</p>")
+    if has_reasoning(m):
+        parts += ["<h2>Reasoning</h2>", f"<p class=\"muted\">{_e(REASONING_NOTE)}</p>",
+                  _table(REASONING_HEADER, reasoning_rows(m), classes=["", "num", "num", "num", "num"])]
     parts += champion_html(m.get("champion"), ("base", m["base"]), "fine-tuned")
     parts += ["<h2>Forgetting</h2>", f"<p>{_e(_probe_line(m))}</p>"]
     if images:
@@ -439,9 +522,11 @@ def render_html(ctx: ReportContext, images: dict[str, bytes]) -> str:
         parts += ["<h2>Plots</h2>", "<div class=\"plots\">" + "".join(figs) + "</div>"]
     if "loss_curve.png" not in images:
         parts.append(f"<p class=\"muted\">{_e(NO_LOSS_CURVE)}</p>")
+    answers = has_reasoning(m)
     for title, records in (("Best examples (fine-tuned)", ctx.best), ("Worst examples (fine-tuned)", ctx.worst)):
         if records:
-            parts += [f"<h2>{_e(title)}</h2>", _table(EXAMPLE_HEADER, [_example_cells(r) for r in records], pre=True)]
+            parts += [f"<h2>{_e(title)}</h2>", _table(example_header(answers),
+                                                      [_example_cells(r, answers) for r in records], pre=True)]
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -14,6 +14,8 @@ Absent means 1. Only assistant messages carry it.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,32 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 ROLES = ("system", "user", "assistant", "tool")
+MISSING = "(missing)"  # the value of a row without the field asked for (stratum, balance or breakdown value)
+PROBE_FILE = "probe_general.jsonl"  # the forgetting probe shipped in the package (pipelines.evaluate)
+
+
+def field_value(row: dict[str, Any], dotted: str) -> Any:
+    """row["meta"]["category"] for "meta.category"; None when any part is missing."""
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def field_label(row: dict[str, Any], dotted: str) -> str:
+    """A row's value of a dotted field as a label: the string itself, JSON for other values, MISSING for none."""
+    value = field_value(row, dotted)
+    if value is None:
+        return MISSING
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def package_rows(name: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL file shipped in the `pipelines` package (the forgetting probe, the replay set)."""
+    text = importlib.resources.files("pipelines").joinpath(name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 MESSAGE_KEYS = frozenset({"role", "content", "weight"})
 
 

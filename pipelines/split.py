@@ -19,6 +19,14 @@ of the input rows:
    each stratum when split.stratify_by is set (a group's stratum is its members' most common value).
 4. Rows are written sorted by id, so even the files are byte-identical for shuffled input.
 
+5. The train split alone is then mixed (pipelines.mixing; params `data:`): per-source weights and caps
+   (data.sources), balancing by a field (data.balance_by), and replayed general rows (data.replay, rows with
+   `"replay": true` from the ingest stage). The split is planned on the task rows only, so validation and
+   test are the same with or without mixing. A replay row at least split.group_threshold similar to a
+   validation or test row, or to a row of the forgetting probe, is left out. report.json adds `per_source`
+   (rows per source file in each natural split and in the written train split), `mixing` and `replay`;
+   `counts.train` is the rows written.
+
 The leakage check (also the blocking Dagster asset check) counts exact duplicates and near duplicates
 (pipelines.dedup.similar_pairs at clean.near_dup_threshold, as the grouping) that sit in different splits; it
 is zero by construction as long as split.group_threshold <= clean.near_dup_threshold, and the stage fails
@@ -41,36 +49,30 @@ from typing import Any
 import pandera.errors
 from tqdm.auto import tqdm
 
+from pipelines import mixing
 from pipelines.config import Params, SplitConfig
 from pipelines.dedup import components, conversation_lines, conversation_text, exact_key, similar_pairs
 from pipelines.io import StageError, StageResult, atomic_dir, chunked, claim_output, require, write_json, write_jsonl
-from pipelines.schemas import SplitSchema, describe_failures, validate
+from pipelines.schemas import MISSING as MISSING  # the stratum of rows without the field (re-exported)
+from pipelines.schemas import (
+    PROBE_FILE,
+    SplitSchema,
+    describe_failures,
+    field_label,
+    field_value,
+    package_rows,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "split"
 SPLITS = ("train", "validation", "test")
-MISSING = "(missing)"  # stratum of rows without the stratify_by field
 LEAK_EXAMPLES = 5  # example pairs kept in the leakage report
 VALIDATE_ROWS = 10_000  # rows per pandera check
 
 
-def field_value(row: dict[str, Any], dotted: str) -> Any:
-    """row["meta"]["category"] for "meta.category"; None when any part is missing."""
-    value: Any = row
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def stratum_of(row: dict[str, Any], dotted: str) -> str:
-    """The stratum label of a row: the field's value as a string (JSON for non-strings)."""
-    value = field_value(row, dotted)
-    if value is None:
-        return MISSING
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+stratum_of = field_label  # the stratum label of a row: the field's value as a string (JSON for non-strings)
 
 
 def group_keys(keys: Sequence[str], lines: Sequence[str], threshold: float, num_perm: int = 128,
@@ -282,10 +284,14 @@ class _Scan:
     strata: list[str] = field(default_factory=list)
     families: list[str] = field(default_factory=list)  # expanded_from ('' for none): one conversation, one group
     has_field: bool = False  # any row has split.stratify_by
+    sources: list[str] = field(default_factory=list)  # the raw file of each row (one string object per file)
+    replay: list[bool] = field(default_factory=list)  # a replayed general row (pipelines.ingest, data.replay)
+    values: list[str] = field(default_factory=list)  # data.balance_by value of each row, when it is set
+    has_value: bool = False  # any task row has data.balance_by
 
 
-def _scan(source: Path, stratify_by: str | None) -> _Scan:
-    scan, labels = _Scan(), {"": ""}  # one string object per stratum label
+def _scan(source: Path, stratify_by: str | None, balance_by: str | None = None) -> _Scan:
+    scan, labels = _Scan(), {"": ""}  # one string object per stratum label, value and source
     offset = 0
     with open(source, "rb") as fh:
         for line in tqdm(fh, desc="split: read", unit=" rows", disable=None, mininterval=2):
@@ -296,13 +302,53 @@ def _scan(source: Path, stratify_by: str | None) -> _Scan:
                 scan.keys.append(exact_key(conversation_text(row)))
                 scan.lines.append(conversation_lines(row))
                 scan.families.append(str(row.get("expanded_from") or ""))
+                replay = row.get("replay") is True
                 label = ""
                 if stratify_by:
-                    scan.has_field |= field_value(row, stratify_by) is not None
+                    scan.has_field |= not replay and field_value(row, stratify_by) is not None
                     label = stratum_of(row, stratify_by)
                 scan.strata.append(labels.setdefault(label, label))
+                src = str(row.get("source"))
+                scan.sources.append(labels.setdefault(src, src))
+                scan.replay.append(replay)
+                if balance_by:
+                    scan.has_value |= not replay and field_value(row, balance_by) is not None
+                    value = stratum_of(row, balance_by)
+                    scan.values.append(labels.setdefault(value, value))
             offset += len(line)
     return scan
+
+
+def _eligible_replay(pool: list[int], held_out: list[int], lines: Sequence[str], probe_lines: Sequence[str],
+                     threshold: float, num_perm: int, shingle_size: int, boilerplate_share: float,
+                     own_ratio: float) -> tuple[list[int], int, int]:
+    """(replay rows that may train, how many were too similar to a validation/test row, to a probe row).
+
+    A replay row at least `threshold` (split.group_threshold) similar to a held-out row would have been grouped
+    with it, and one similar to the forgetting probe would train on what the probe measures: both are left out."""
+    if not pool:
+        return [], 0, 0
+    texts = [lines[i] for i in pool] + [lines[i] for i in held_out] + list(probe_lines)
+    n_pool, n_held = len(pool), len(held_out)
+    near_eval: set[int] = set()
+    near_probe: set[int] = set()
+    for a, b, _ in similar_pairs(texts, threshold, num_perm, shingle_size, boilerplate_share, own_ratio):
+        if a < n_pool <= b:  # pairs are (i, j) with i < j: a replay row and a later text
+            (near_eval if b < n_pool + n_held else near_probe).add(a)
+    near_probe -= near_eval
+    eligible = [i for k, i in enumerate(pool) if k not in near_eval and k not in near_probe]
+    return eligible, len(near_eval), len(near_probe)
+
+
+def _per_source(names: Sequence[str | None], sources: Sequence[str], train: Sequence[int],
+                task: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Rows per source file: in each natural split, and in the train split as written (mixed, with replay)."""
+    table: dict[str, dict[str, int]] = defaultdict(lambda: {**dict.fromkeys(SPLITS, 0), "train_mixed": 0})
+    for i in task:
+        table[sources[i]][names[i]] += 1
+    for i in train:
+        table[sources[i]]["train_mixed"] += 1
+    return {source: table[source] for source in sorted(table)}
 
 
 def run(params: Params) -> StageResult:
@@ -312,25 +358,58 @@ def run(params: Params) -> StageResult:
     text, stratum and byte offset and plans the split; the second re-reads each split's rows in id order
     by offset, validates them in chunks and writes them.
     """
-    cfg = params.split
+    cfg, data = params.split, params.data
     out_dir = claim_output(params, "splits")  # before any work: the folder is the stage's own, and writable
     source = require(params.path("formatted") / "dataset.jsonl", "format")
-    scan = _scan(source, cfg.stratify_by)
+    scan = _scan(source, cfg.stratify_by, data.balance_by)
     n = len(scan.ids)
-    if not n:
+    task = [i for i in range(n) if not scan.replay[i]]  # the rows the split is planned on
+    pool = [i for i in range(n) if scan.replay[i]]  # replayed general rows: train only, never held out
+    if not task:
         raise StageError(f"'{source}' has no rows to split; check formatted/quarantine.jsonl and the format stage")
     if cfg.stratify_by and not scan.has_field:
         raise StageError(f"split.stratify_by = '{cfg.stratify_by}' is not a field of any row in '{source}'; "
                          "use a dotted field such as 'meta.category', or null")
+    if data.balance_by and not scan.has_value:
+        raise StageError(f"data.balance_by = '{data.balance_by}' is not a field of any row in '{source}'; use a "
+                         "dotted field such as 'meta.category', or null")
+    if data.replay.fraction > 0 and not pool:
+        raise StageError(f"data.replay.fraction = {data.replay.fraction:g} but '{source}' has no replay rows; re-run "
+                         "the ingest stage and the stages after it (python -m pipelines ingest, clean, format)")
+    raw_rel = mixing.raw_dir_relative(params.path("raw_dir"), params.root)
+    mixing.check_sources([scan.sources[i] for i in task], data, raw_rel)
     clean = params.clean
-    groups, names = plan(scan.keys, scan.lines, scan.strata, cfg, clean.num_perm, clean.shingle_size,
-                         clean.boilerplate_share, clean.own_similarity_ratio, scan.families)
-    counts = Counter(names)
+
+    def of_task(values: list[Any]) -> list[Any]:
+        return [values[i] for i in task]
+
+    task_groups, task_names = plan(of_task(scan.keys), of_task(scan.lines), of_task(scan.strata), cfg, clean.num_perm,
+                                   clean.shingle_size, clean.boilerplate_share, clean.own_similarity_ratio,
+                                   of_task(scan.families))
+    counts = Counter(task_names)
     for name in SPLITS:
         if not counts[name] and getattr(cfg, name) > 0:
-            raise StageError(empty_split_reason(name, groups, scan.strata, cfg))
-    leak = leakage_of(names, scan.ids, scan.keys, scan.lines, clean.near_dup_threshold, clean.num_perm,
-                      clean.shingle_size, clean.boilerplate_share, clean.own_similarity_ratio)
+            raise StageError(empty_split_reason(name, task_groups, of_task(scan.strata), cfg))
+    groups: list[str] = [scan.keys[i] for i in range(n)]  # a replay row is a group of its own
+    names: list[str | None] = [None] * n  # None: a replay row not chosen
+    for i, group, name in zip(task, task_groups, task_names, strict=True):
+        groups[i], names[i] = group, name
+    natural_train = [i for i in task if names[i] == "train"]
+    train, mix_report = mixing.mix_train(natural_train, scan.ids, scan.sources,
+                                         scan.values if data.balance_by else None, data, cfg.seed, raw_rel)
+    held_out = [i for i in task if names[i] != "train"]
+    probe_lines = [conversation_lines(r) for r in package_rows(PROBE_FILE)] if pool else []
+    eligible, near_eval, near_probe = _eligible_replay(
+        pool, held_out, scan.lines, probe_lines, cfg.group_threshold, clean.num_perm, clean.shingle_size,
+        clean.boilerplate_share, clean.own_similarity_ratio)
+    replayed = mixing.pick_replay(eligible, scan.ids, len(train), data.replay.fraction, cfg.seed, len(pool),
+                                  data.replay.file)
+    for i in replayed:
+        names[i] = "train"
+    written = [i for i in range(n) if names[i] is not None]  # each row once: copies add nothing to leakage
+    leak = leakage_of([names[i] for i in written], [scan.ids[i] for i in written], [scan.keys[i] for i in written],
+                      [scan.lines[i] for i in written], clean.near_dup_threshold, clean.num_perm, clean.shingle_size,
+                      clean.boilerplate_share, clean.own_similarity_ratio)
     if not leak["passed"]:
         raise StageError(
             f"splits leak: {leak['exact_duplicates_across_splits']} exact and "
@@ -338,24 +417,43 @@ def run(params: Params) -> StageResult:
             f"split.group_threshold ({cfg.group_threshold}) <= clean.near_dup_threshold "
             f"({params.clean.near_dup_threshold})"
         )
-    report = _report(names, groups, scan.strata, cfg, leak)
+    train_picks = mixing.copies(sorted([*train, *replayed], key=scan.ids.__getitem__))
+    report = _report(task_names, task_groups, of_task(scan.strata), cfg, leak)
+    report["counts"]["train"] = len(train_picks)  # rows written; the natural split is in "mixing"
+    report["per_source"] = _per_source(names, scan.sources, [i for i, _ in train_picks], task)
+    report["mixing"] = mix_report
+    report["replay"] = {
+        "fraction": data.replay.fraction, "file": data.replay.file, "pool": len(pool),
+        "too_similar_to_held_out": near_eval, "too_similar_to_probe": near_probe, "eligible": len(eligible),
+        "train_rows": len(replayed), "unused": len(pool) - len(replayed),
+        "share_of_train": round(len(replayed) / len(train_picks), 4) if train_picks else 0.0,
+    }
     scan.lines.clear()
     with atomic_dir(out_dir, "splits") as tmp, open(source, "rb") as fh:
 
-        def rows(order: list[int]) -> Iterator[dict[str, Any]]:
-            for i in order:
+        def rows(order: Sequence[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+            for i, k in order:
                 fh.seek(scan.offsets[i])
-                yield {**json.loads(fh.readline()), "group": groups[i]}
+                row = {**json.loads(fh.readline()), "group": groups[i]}
+                if k > 1:  # a repeated row (data.sources weight > 1, data.balance_rows): its own id, its group
+                    row.update(id=mixing.copy_id(row["id"], k), copy_of=row["id"])
+                yield row
 
         for name in SPLITS:
-            order = sorted((i for i in range(n) if names[i] == name), key=scan.ids.__getitem__)
+            order = train_picks if name == "train" else \
+                [(i, 1) for i in sorted((i for i in task if names[i] == name), key=scan.ids.__getitem__)]
             write_jsonl(tmp / f"{name}.jsonl", _validated(name, rows(order)))
         write_json(tmp / "report.json", report)
     log.info("split %d rows in %d groups: %s", report["rows"], report["groups"], report["counts"])
+    if pool or data.sources or data.balance_by:
+        log.info("train split mixed: %d natural task rows -> %d task rows + %d replay rows",
+                 len(natural_train), len(train), len(replayed))
     metrics: dict[str, Any] = {f"rows_{name}": n for name, n in report["counts"].items()}
     metrics.update(groups=report["groups"], largest_group=report["largest_group"],
                    leakage_exact=leak["exact_duplicates_across_splits"],
-                   leakage_near=leak["near_duplicate_pairs_across_splits"])
+                   leakage_near=leak["near_duplicate_pairs_across_splits"],
+                   rows_train_natural=len(natural_train), rows_train_replay=len(replayed),
+                   rows_per_source=report["per_source"])
     if "strata" in report:
         metrics["strata"] = report["strata"]
     return StageResult(

@@ -97,8 +97,9 @@ STAGES: tuple[Stage, ...] = (
         help="read data/raw/ and normalise every row to one conversation schema",
         description="Every raw row normalised to one conversation schema (messages ending with an assistant "
         "turn); malformed rows go to quarantine.jsonl with file, line and reason.",
-        params=("data", "clean.redact_pii"), inputs=("raw_dir",), outputs=("raw_examples",),
-        code=("pipelines.pii", _SCHEMAS),
+        params=("data.format", "data.system_prompt", "data.max_bad_fraction", "data.max_line_bytes",
+                "data.follow_links", "data.replay", "clean.redact_pii"), inputs=("raw_dir",), outputs=("raw_examples",),
+        code=("pipelines.pii", _SCHEMAS), files=("replay_general.jsonl",),
         kinds=("python", "pandas"), versioned=(("raw_examples", "examples.jsonl"),),
     ),
     Stage(
@@ -123,10 +124,13 @@ STAGES: tuple[Stage, ...] = (
         name="split", module="pipelines.split", asset="dataset_splits", group="data",
         help="deterministic train/validation/test split without leakage",
         description="Deterministic train / validation / test split; near-duplicate groups stay within one split "
-        "so nothing leaks from training into evaluation.",
+        "so nothing leaks from training into evaluation. The train split alone is mixed: per-source weights and "
+        "caps, balancing, replayed general data.",
         params=("split", "clean.num_perm", "clean.shingle_size", "clean.near_dup_threshold", "clean.boilerplate_share",
-                "clean.own_similarity_ratio"),
-        inputs=("formatted",), outputs=("splits",), code=("pipelines.dedup", _SCHEMAS), kinds=("python", "pandas"),
+                "clean.own_similarity_ratio", "data.replay", "data.sources", "data.balance_by", "data.balance_rows",
+                "paths.raw_dir"),  # data.sources globs are relative to paths.raw_dir
+        inputs=("formatted",), outputs=("splits",), code=("pipelines.dedup", "pipelines.mixing", _SCHEMAS),
+        files=("probe_general.jsonl",), kinds=("python", "pandas"),
         versioned=tuple(("splits", f"{name}.jsonl") for name in ("train", "validation", "test")),
     ),
     Stage(
@@ -135,7 +139,8 @@ STAGES: tuple[Stage, ...] = (
         description="Preference rows (chosen/rejected pairs, KTO rows with a boolean label) from the raw files, "
         "cleaned by the clean stage's rules and split by prompt consistently with the SFT split (near-duplicate "
         "prompts grouped); bad pairs go to quarantine.jsonl with file, line and reason.",
-        params=("data.system_prompt", "data.max_bad_fraction", "data.max_line_bytes", "clean", "split"),
+        params=("data.system_prompt", "data.max_bad_fraction", "data.max_line_bytes", "data.follow_links", "clean",
+                "split"),
         inputs=("raw_dir", "splits"), outputs=("preferences",),
         code=("pipelines.ingest", "pipelines.clean", "pipelines.pii", "pipelines.dedup", "pipelines.split",
               _SCHEMAS),
@@ -167,7 +172,8 @@ STAGES: tuple[Stage, ...] = (
         # stage (a cycle); a new champion does not by itself rerun evaluate (pipelines/champion.py).
         params=("evaluate", "train.method", "model.trust_remote_code", "align.method", "paths.promoted"),
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
-        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods", "pipelines.champion"),
+        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods", "pipelines.champion",
+              _SCHEMAS),
         files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
         uses_trainer=True,

@@ -36,6 +36,7 @@ from pipelines.config import Params, load_params
 from pipelines.errors import UserError
 from pipelines.evaluate import _load_causal_lm, stop_token_ids
 from pipelines.io import StageError
+from pipelines.methods import safetensors_adapter
 
 NONE = "none"
 PROMPT = "you> "
@@ -52,15 +53,22 @@ def resolve_adapter(params: Params, name: str) -> tuple[str, Path | None]:
             stage = "promote" if name == "promoted" else "train"
             raise StageError(f"there is no {name} adapter in '{folder}'; run `python -m pipelines {stage}` first, or "
                              "pass --adapter none or --adapter PATH")
-        return name, folder
-    folder = Path(name).expanduser()
-    if not folder.is_absolute() and not folder.exists():
-        folder = params.root / folder
+        display = name
+    else:
+        folder = Path(name).expanduser()
+        if not folder.is_absolute() and not folder.exists():
+            folder = params.root / folder
+        display = folder.name
     if not (folder / "adapter_config.json").is_file():
-        what = ("a full model, not an adapter: use --model PATH --adapter none" if (folder / "config.json").is_file()
+        full = (folder / "config.json").is_file()
+        what = (f"a full model, not an adapter: use --model {folder} --adapter none" if full
                 else "not a peft adapter folder (no adapter_config.json)")
         raise StageError(f"'{name}' is {what}")
-    return folder.name, folder
+    return display, _safetensors_adapter(folder)
+
+
+def _safetensors_adapter(folder: Path) -> Path:
+    return safetensors_adapter(folder, "re-save the adapter with safe_serialization=True")
 
 
 @dataclass
@@ -84,6 +92,7 @@ class ChatSession:
         from peft import PeftModel
 
         if name != NONE and name not in self.adapters:
+            _safetensors_adapter(folder)  # checked again here: peft loads adapter_model.safetensors and nothing else
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             else:

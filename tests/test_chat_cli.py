@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.chat import tokenize_prompt
 from pipelines.config import load_params
+from pipelines.errors import StageError
 from pipelines.evaluate import generate, load_models
 from pipelines.terminal_chat import ChatSession, resolve_adapter
 from tests.conftest import REPO, make_lora_adapter, write_project
@@ -144,3 +145,17 @@ def test_stream_yields_pieces_and_adapters_share_one_base(project, tiny_model_di
     session.use_adapter(*resolve_adapter(project, "promoted"))
     assert session.model.get_base_model() is base and base.get_input_embeddings().weight is embedding
     assert session.adapters == ["promoted", "other_adapter"]
+
+
+def test_adapters_load_only_from_safetensors_and_a_full_model_is_named(project, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text("{}")
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(StageError, match="no adapter_model.safetensors; only safetensors"):
+        resolve_adapter(project, str(pickled))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    with pytest.raises(StageError, match=f"a full model, not an adapter: use --model {full} --adapter none"):
+        resolve_adapter(project, str(full))

@@ -50,6 +50,45 @@ BAD = [
                  "does not compile", id="modules-regex"),
     pytest.param({"train": {"seed": 2**32}}, "train.seed", "less than or equal to 4294967295", id="seed-numpy"),
     pytest.param({"train": {"max_steps": 0}}, "train.max_steps", "or -1 to train for train.epochs", id="steps-0"),
+    # issue 18: replay, multi-task mixing, chain-of-thought answers
+    pytest.param({"data": {"replay": {"fraction": 0.95}}}, "data.replay.fraction", "less than or equal to 0.9",
+                 id="replay-fraction-high"),
+    pytest.param({"data": {"replay": {"fraction": -0.1}}}, "data.replay.fraction", "greater than or equal to 0",
+                 id="replay-fraction-negative"),
+    pytest.param({"data": {"replay": {"file": "../general.jsonl"}}}, "data.replay.file", "must stay inside it",
+                 id="replay-file-outside"),
+    pytest.param({"data": {"replay": {"file": "/abs/general.jsonl"}}}, "data.replay.file", "must stay inside it",
+                 id="replay-file-absolute"),
+    pytest.param({"data": {"replay": {"file": "general.txt"}}}, "data.replay.file", "ending in .jsonl",
+                 id="replay-file-suffix"),
+    pytest.param({"data": {"replay": {"file": "gen/*.jsonl"}}}, "data.replay.file", "not a glob", id="replay-glob"),
+    pytest.param({"data": {"sources": [{"match": "a.jsonl", "weight": -1}]}}, "data.sources.0.weight",
+                 "greater than or equal to 0", id="source-weight-negative"),
+    pytest.param({"data": {"sources": [{"match": "a.jsonl", "max_rows": 0}]}}, "data.sources.0.max_rows",
+                 "greater than or equal to 1", id="source-cap-0"),
+    pytest.param({"data": {"sources": [{"weight": 2}]}}, "data.sources.0.match", "Field required",
+                 id="source-without-match"),
+    pytest.param({"data": {"sources": [{"match": "a.jsonl", "wieght": 2}]}}, "data.sources.0.wieght",
+                 "allowed keys here: match, weight, max_rows", id="source-key-typo"),
+    pytest.param({"data": {"sources": [{"match": "a.jsonl"}, {"match": "a.jsonl", "weight": 2}]}}, "data.sources",
+                 "merge the two entries", id="source-listed-twice"),
+    pytest.param({"data": {"sources": [{"match": "../x/*.jsonl"}]}}, "data.sources.0.match", "must stay inside it",
+                 id="source-outside"),
+    pytest.param({"data": {"balance_by": "meta category"}}, "data.balance_by", "dotted keys", id="balance-space"),
+    pytest.param({"data": {"balance_rows": "median"}}, "data.balance_rows", "'min' or 'max'", id="balance-rows-word"),
+    pytest.param({"data": {"balance_rows": 0}}, "data.balance_rows", "greater than or equal to 1", id="balance-rows-0"),
+    pytest.param({"evaluate": {"breakdown_by": ["source", "source"]}}, "evaluate.breakdown_by", "listed twice",
+                 id="breakdown-twice"),
+    pytest.param({"evaluate": {"breakdown_by": ["meta..task"]}}, "evaluate.breakdown_by", "dotted keys",
+                 id="breakdown-dotted"),
+    pytest.param({"evaluate": {"answer_patterns": ["Answer: .+"]}}, "evaluate.answer_patterns",
+                 "needs a capturing group", id="answer-no-group"),
+    pytest.param({"evaluate": {"answer_patterns": ["Answer: (.+"]}}, "evaluate.answer_patterns", "does not compile",
+                 id="answer-regex"),
+    pytest.param({"evaluate": {"answer_patterns": ["(.*)"]}}, "evaluate.answer_patterns", "matches the empty text",
+                 id="answer-empty-match"),
+    pytest.param({"evaluate": {"reasoning_pattern": "<think>(.*?"}}, "evaluate.reasoning_pattern",
+                 "does not compile", id="reasoning-regex"),
 ]
 
 
@@ -78,15 +117,33 @@ GOOD = [
     pytest.param({"split": {"stratify_by": "meta.category", "group_threshold": 0.85}}, id="stratify-group-equal"),
     pytest.param({"train": {"lora": {"target_modules": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"}}}, id="regex"),
     pytest.param({"train": {"seed": 2**32 - 1, "max_steps": -1}}, id="train-bounds"),
+    pytest.param({"data": {"replay": {"fraction": 0.9, "file": "general/alpaca.csv"}}}, id="replay-bounds"),
+    pytest.param({"data": {"replay": {"fraction": 0.0, "file": "general"}}}, id="replay-off"),
+    pytest.param({"data": {"sources": [{"match": "tickets_*.jsonl", "weight": 0}, {"match": "**/x.csv", "weight": 2.5,
+                                                                                    "max_rows": 1}]}}, id="sources"),
+    pytest.param({"data": {"balance_by": "meta.category", "balance_rows": "max"}}, id="balance-max"),
+    pytest.param({"data": {"balance_by": "source", "balance_rows": 1}}, id="balance-number"),
+    pytest.param({"evaluate": {"breakdown_by": [], "reasoning_pattern": None, "answer_patterns": []}},
+                 id="answers-off"),
+    pytest.param({"evaluate": {"breakdown_by": ["source", "meta.task"], "reasoning_pattern": "(?s)<r>(.*?)</r>",
+                               "answer_patterns": [r"#### (\S+)"]}}, id="answers-custom"),
 ]
+
+
+def _holds(loaded, given) -> bool:
+    """Does the loaded (dumped) value hold what the fragment gave: the same scalars, every key given of a mapping
+    (the rest are defaults), the same list item by item."""
+    if isinstance(given, dict):
+        return isinstance(loaded, dict) and all(k in loaded and _holds(loaded[k], v) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(loaded, list) and len(loaded) == len(given) and all(map(_holds, loaded, given))
+    return loaded == given
 
 
 @pytest.mark.parametrize("fragment", GOOD)
 def test_good_values_at_the_bounds_load(tmp_path, fragment):
     params = load_params(write_project(tmp_path, fragment))
-    for section, values in fragment.items():
-        for key, value in values.items():
-            assert getattr(getattr(params, section), key) == value or key == "lora"
+    assert _holds(params.model_dump(mode="json"), fragment)
 
 
 def test_check_params_refuses_a_metric_typo_before_training(tmp_path):

@@ -255,10 +255,16 @@ def test_run_writes_self_contained_report_and_metrics(tmp_path, tiny_model_dir, 
         assert (out / image).is_file()
     assert "| metric |" in md and "loss_curve.png" in md
     assert result.metrics["metric_table_md"] in md
+    [per_source] = metrics["breakdown"]["source"]["values"]  # evaluate.breakdown_by: [source] by default
+    assert per_source["value"] == "data/raw/demo.jsonl" and per_source["n"] == 8
+    assert per_source["base"] == metrics["base"] and per_source["ci"] == metrics["ci"]  # one source: the whole
+    assert "### Metrics per source" in md and result.metrics["breakdown_md"] in md
+    assert metrics["reasoning"]["reference"]["with_reasoning"] == 0 and "## Reasoning" not in md
 
     examples = list(read_jsonl(out / "examples.jsonl"))
     assert len(examples) == 8
-    assert {"prompt", "reference", "base", "fine_tuned"} <= examples[0].keys()
+    assert {"prompt", "reference", "reference_answer", "source", "base", "fine_tuned"} <= examples[0].keys()
+    assert examples[0]["reference_answer"] == examples[0]["reference"]  # no reasoning: the answer is the text
     assert (out / "train_loss.csv").read_text().splitlines() == ["step,train_loss", "1,2.8", "2,2.6", "3,2.4", "4,2.2"]
     assert (out / "eval_loss.csv").read_text().splitlines() == ["step,eval_loss", "2,2.9", "4,2.6"]
     assert result.metrics["gate_passed"] == metrics["gate"]["passed"]

@@ -208,6 +208,8 @@ def _rows(n: int) -> list[dict]:
 
 def test_run_writes_dataset_quarantine_and_report(tmp_path, tiny_model_dir, tiny_tokenizer):
     rows = _rows(10)
+    for r in rows[7:]:  # rows of another file, e.g. replayed general data (data.replay)
+        r["source"] = "pipelines/replay_general.jsonl"
     params = _project(tmp_path, tiny_model_dir, rows, max_length=160, output="prompt_completion")
     overlong = [r["id"] for r in rows if _length(tiny_tokenizer, r["messages"]) > 160]
     assert overlong, "the fixture must contain overlong rows"
@@ -225,6 +227,11 @@ def test_run_writes_dataset_quarantine_and_report(tmp_path, tiny_model_dir, tiny
     hist = result.metrics["token_histogram"]
     assert hist == report["token_histogram"] and sum(hist["counts"]) == len(data)
     assert hist["edges"][0] == 0 and hist["edges"][-1] == 160
+    by_source = {s: {"rows_in": sum(r["source"] == s for r in rows), "rows_out": sum(r["source"] == s for r in data),
+                     "quarantined": sum(q["source"] == s for q in quarantine)}
+                 for s in ("data/raw/x.jsonl", "pipelines/replay_general.jsonl")}
+    assert report["per_source"] == by_source and by_source["data/raw/x.jsonl"]["quarantined"] > 0
+    assert by_source["pipelines/replay_general.jsonl"]["rows_in"] == 3
     assert result.metrics["rows_out"] == len(data) and set(result.outputs) >= {"dataset.jsonl", "report.json"}
 
 

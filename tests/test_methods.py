@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from pipelines import checkpoints, cpu_speedups, methods, train
-from pipelines.chat import render_prompt, tokenize_conversation
+from pipelines.chat import tokenize_conversation, tokenize_prompt
 from pipelines.config import ConfigError, load_params
 from pipelines.evaluate import completion_nll, generate_ids, load_models
 from pipelines.io import read_json
@@ -72,9 +72,9 @@ def _logits(model, tokenizer, conversations) -> torch.Tensor:
     return logits[:, -batch.shape[1]:] * mask[..., None]  # prompt-learning methods prepend virtual positions
 
 
-def _greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
+def _greedy(model, tokenizer, prompt: list[int], n: int) -> list[int]:
     """Greedy continuation one token at a time, no cache, no padding: the reference for batched generation."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([prompt])
     out: list[int] = []
     with torch.no_grad():
         for _ in range(n):
@@ -117,7 +117,7 @@ def test_each_method_trains_saves_reloads_and_evaluates(tmp_path, tiny_model_dir
     reference = _logits(model, tiny_tokenizer, MESSAGES)
     with models.use("fine_tuned") as tuned:
         torch.testing.assert_close(_logits(tuned, tokenizer, MESSAGES), reference, rtol=0, atol=1e-5)
-        prompts = [render_prompt(tokenizer, m) for m in MESSAGES]
+        prompts = [tokenize_prompt(tokenizer, m).input_ids for m in MESSAGES]
         batched = generate_ids(tuned, tokenizer, prompts, batch_size=4, max_new_tokens=6)
         assert batched == [_greedy(tuned, tokenizer, p, 6) for p in prompts]
         convs = [tokenize_conversation(tokenizer, m, only_last=True) for m in MESSAGES]

@@ -91,7 +91,7 @@ def _weight_load_problems(path: Path, root: Path = REPO) -> list[str]:
         scope_source = ast.get_source_segment(source, scope) if scope is not None else source
         if None in keywords and _SAFE_KWARGS.search(scope_source or ""):  # **kwargs built with use_safetensors
             continue
-        if owner == "PeftModel" and ".safetensors" in (scope_source or ""):
+        if owner == "PeftModel" and re.search(r"\.safetensors|safetensors_adapter\(", scope_source or ""):
             continue  # the adapter file is checked to exist first; peft then loads it and nothing else
         problems.append(f"{path.relative_to(root)}:{call.lineno} {owner}.from_pretrained")
     return problems

@@ -162,7 +162,7 @@ def test_chunked_validation_finds_a_repeated_id_across_chunks(monkeypatch):
     monkeypatch.setattr(sp, "VALIDATE_ROWS", 2)
     assert list(sp._validated("train", grouped)) == grouped  # 3 chunks, every row passes through once
     repeated = [*grouped[:2], {**grouped[1]}, *grouped[2:]]  # the copy is the first row of the second chunk
-    with pytest.raises(StageError, match="column 'id', check 'field_uniqueness'"):
+    with pytest.raises(StageError, match="line 3: column 'id' fails field_uniqueness"):
         list(sp._validated("train", repeated))
 
 

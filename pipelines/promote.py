@@ -127,15 +127,15 @@ def champion_comparison(params: Params, which: str, source: Path, metrics: dict[
     return found
 
 
-def _refusal(which: str, source: Path, params: Params, comparison: dict[str, Any], reasons: list[str]) -> str:
+def _refusal(which: str, source: Path, params: Params, comparison: dict[str, Any]) -> str:
     """One sentence: why the candidate is not promoted over the champion, with both numbers and the margin."""
     primary, margin = params.evaluate.primary_metric, params.evaluate.champion_margin
     shortfall = champion_shortfall(comparison, primary)
     sha = comparison.get("promoted_sha256") or comparison.get("weights_sha256") or ""
     where = f"the champion in '{params.path('promoted')}' (adapter {str(sha)[:12]})"
     if shortfall is None:
-        return (f"the {which} adapter in '{source}' was not promoted because its comparison with {where} is missing "
-                f"the primary metric: {' '.join(reasons)} Re-run the '{comparison.get('measured_by')}' stage.")
+        return (f"the {which} adapter in '{source}' was not promoted because its comparison with {where} holds no "
+                f"{primary} for both models; re-run the '{comparison.get('measured_by')}' stage.")
     return (f"the {which} adapter in '{source}' was not promoted because it is worse than {where}: {primary} "
             f"{comparison['candidate'][primary]:.4f} vs the champion's {comparison['champion'][primary]:.4f} on "
             f"{comparison.get('n_test')} test rows, {shortfall:.4f} worse, more than evaluate.champion_margin "
@@ -164,7 +164,7 @@ def run(params: Params) -> StageResult:
     primary = params.evaluate.primary_metric
     beats_champion, champion_reasons = champion_gate(comparison, primary, params.evaluate.champion_margin)
     if not beats_champion:
-        raise StageError(_refusal(which, source, params, comparison, champion_reasons))
+        raise StageError(_refusal(which, source, params, comparison))
     record = {**promotion_record(metrics, reasons, source_sha), "adapter": which, "sft_adapter_sha256": adapter_sha,
               "alignment_gate": alignment or {"applicable": False, "reasons": alignment_reasons},
               "champion": {**comparison, "primary_metric": primary,

@@ -378,3 +378,28 @@ def test_evaluate_alignment_compares_the_sft_adapter_when_align_trained_nothing(
     assert "## Champion: FAILED" in md and "| metric | champion [95% CI] | SFT (candidate) [95% CI]" in md
     with pytest.raises(StageError, match="was not promoted because it is worse than the champion"):
         promote.run(params)
+
+
+def test_the_aligned_candidate_and_its_champion_share_one_base(tiny_model_dir, tmp_path):
+    """evaluate-alignment's seats: the champion becomes a third adapter beside "sft" and "aligned" on one base, and
+    answers as the champion loaded on its own does; the candidate's adapter is active again afterwards."""
+    params = load_params(write_project(tmp_path, {"paths": {"base_model": str(tiny_model_dir)}}))
+    for seed, key in ((1, "adapter"), (2, "aligned_adapter"), (3, "promoted")):
+        make_lora_adapter(tiny_model_dir, params.path(key), seed=seed)
+    rows = evaluate._read_test_rows(write_test_split(params.path("splits"), CONVERSATIONS), None)
+    models, tokenizer = evaluate_alignment.load_models(params)
+    found, section = champion.locate(params, params.path("aligned_adapter"), candidate="aligned",
+                                     measured_by="evaluate-alignment")
+    assert champion.attach(models, models.model, found, section, base_dir=tiny_model_dir)
+    assert models.champion is None and models.champion_adapter == "champion"
+    active = models.model.active_adapter
+    cfg = _cfg(max_new_tokens=4)
+    result = evaluate.evaluate_models(models, tokenizer, rows, [{"messages": CONVERSATIONS[0]}], cfg, champion=True)
+    assert models.model.active_adapter == active
+    alone, _ = evaluate.load_models(tiny_model_dir, params.path("promoted"), full=False)
+    alone_result = evaluate.evaluate_models(alone, tokenizer, rows, [{"messages": CONVERSATIONS[0]}], cfg)
+    assert result.champion["champion"]["loss"] == pytest.approx(alone_result.summary["fine_tuned"]["loss"], rel=1e-5)
+    assert result.champion["candidate"]["loss"] == pytest.approx(result.summary["fine_tuned"]["loss"], rel=1e-9)
+    assert result.champion["candidate"]["loss"] != pytest.approx(result.champion["champion"]["loss"])
+    assert [r["champion"]["output"] for r in result.examples] == [r["fine_tuned"]["output"]
+                                                                  for r in alone_result.examples]

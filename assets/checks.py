@@ -521,7 +521,8 @@ def aligned_beats_sft(project: ProjectResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=promoted_adapter, name="matches_evaluated_adapter", automation_condition=CHECK_WITH_ASSET,
                 description="The promoted folder holds exactly the adapter its gates passed (the aligned or the SFT "
-                "adapter, as PROMOTED.json says; content hashes match).")
+                "adapter, as PROMOTED.json says; content hashes match); the evidence shows the champion it was "
+                "compared with (base / champion / candidate side by side, or why there was no comparison).")
 def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetCheckResult:
     from pipelines.promote import MANIFEST
 
@@ -541,8 +542,26 @@ def promoted_adapter_matches_evaluated(project: ProjectResource) -> dg.AssetChec
         passed=passed,
         metadata={"adapter": str(manifest.get("adapter", "sft")),
                   "promoted_sha256": str(manifest.get("adapter_sha256"))[:16], "adapter_sha256": adapter_sha[:16],
-                  "files": len(copied), "gate_passed": bool(manifest["gate"]["passed"])},
+                  "files": len(copied), "gate_passed": bool(manifest["gate"]["passed"]),
+                  **_champion_evidence(manifest)},
     )
+
+
+def _champion_evidence(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What PROMOTED.json says about the champion the adapter replaced: base / champion / candidate side by side (or
+    why they were not compared) and the rule's sentence."""
+    from pipelines.report import champion_table_markdown
+
+    champion = manifest.get("champion")
+    if not isinstance(champion, dict):
+        return {"champion_compared": False, "champion": dg.MetadataValue.text(
+            "PROMOTED.json records no champion comparison (promoted before the champion rule existed)")}
+    label = "aligned" if manifest.get("adapter") == "aligned" else "fine-tuned"
+    reasons = champion.get("gate", {}).get("reasons", [])
+    return {"champion_compared": bool(champion.get("compared")),
+            "champion": dg.MetadataValue.md(champion_table_markdown(champion, ("base", manifest.get("base", {})),
+                                                                     label)),
+            "champion_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons))}
 
 
 @dg.asset_check(asset=base_model, name="loads_with_chat_template",

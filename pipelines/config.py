@@ -709,6 +709,13 @@ class EvaluateConfig(_Section):
     max_forgetting: float = Field(
         0.5, ge=0, description="Allowed rise of the probe-set loss (nats/token) of fine-tuned over base."
     )
+    champion_margin: float = Field(
+        0.02, ge=0, description="Promotion against the champion (the adapter in paths.promoted, promoted before): on "
+        "the same test rows, measured in the same run, the candidate's primary metric may be at most this much worse "
+        "than the champion's (for loss and perplexity: higher by at most this), else it is not promoted. In the "
+        "primary metric's units; 0: never worse; 0.02 is one row in 50 of exact match, the noise of a retrain on "
+        "similar data. Shares in [0, 1] differ by at most 1, so 1 switches the rule off.",
+    )
     breakdown_by: list[str] = Field(
         ["source"], description="Row fields (dotted) the report breaks every metric down by, with bootstrap "
         "intervals per value: 'source' (the raw file), 'meta.category', ... [] : no breakdown.",
@@ -766,6 +773,12 @@ class EvaluateConfig(_Section):
                 f"evaluate.min_improvement = {self.min_improvement:g} cannot be met or missed by "
                 f"{self.primary_metric}, a share between 0 and 1 whose improvement lies between -1 and 1, so the "
                 "promotion gate would decide nothing; use a value in [-1, 1], e.g. 0.05"
+            )
+        if self.primary_metric in UNIT_INTERVAL_METRICS and self.champion_margin > 1:
+            raise ValueError(
+                f"evaluate.champion_margin = {self.champion_margin:g} is more than {self.primary_metric}, a share "
+                "between 0 and 1, can ever differ between two models, so the champion rule would decide nothing; use "
+                "a value in [0, 1], e.g. 0.02 (1 switches the rule off)"
             )
         return self
 

@@ -13,6 +13,10 @@ under the same mask the trainer uses (pipelines.chat.tokenize_conversation).
 A fixed general-instruction probe set shipped in this package (probe_general.jsonl) measures
 forgetting: the rise of its completion loss from base to fine-tuned, in nats/token.
 
+When the SFT adapter is the final candidate (align.method none), the champion, the adapter promoted before
+(paths.promoted, read as it is now: not a DVC dependency), answers the same test rows too, and the `champion`
+section of metrics.json compares them side by side (pipelines.champion; the rule is applied by promote).
+
 Chain-of-thought rows: exact match and the task metrics compare final answers, taken out of the reference
 and of each output by pipelines.metrics.extract_answer (evaluate.reasoning_pattern, answer_patterns: <think>
 blocks, an "Answer:" line, "the answer is X"); a text without reasoning is scored as it is. metrics.json
@@ -24,7 +28,8 @@ file of the row), each value with its own bootstrap intervals and paired delta i
 "breakdown"; the report's "Metrics per ..." tables).
 
 Reads:  paths.base_model, paths.adapter (+ train_log.json), paths.splits/test.jsonl (+ train and
-        validation for the token histogram fallback), paths.formatted/report.json (token histogram).
+        validation for the token histogram fallback), paths.formatted/report.json (token histogram),
+        paths.promoted (the champion, when align.method is none).
 Writes: paths.evaluation/ report.html (self-contained), report.md (+ the PNGs it shows), examples.jsonl,
         train_loss.csv and eval_loss.csv (DVC plots); paths.metrics (metrics.json, DVC metrics).
 """
@@ -45,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from pandera.errors import SchemaErrors
 
+from pipelines import champion as champion_seat
 from pipelines import report
 from pipelines.chat import (
     RENDER_ERRORS,
@@ -75,6 +81,7 @@ from pipelines.metrics import (
     extract_answer,
     gate,
     paired_bootstrap_ci,
+    score_example,
     summarise,
 )
 from pipelines.schemas import (
@@ -93,7 +100,7 @@ log = logging.getLogger(__name__)
 
 N_SHOWN = 5  # best and worst examples shown in the report, each
 BREAKDOWN_VALUES = 20  # values per evaluate.breakdown_by field with their own metrics (the largest); the rest counted
-Which = Literal["base", "fine_tuned"]
+Which = Literal["base", "fine_tuned", "champion"]
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -156,14 +163,20 @@ def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]
 @dataclass
 class Models:
     """The fine-tuned model and the way to get the base: the same weights with the adapter disabled
-    (peft), or a separately loaded base model (full fine-tuning)."""
+    (peft), or a separately loaded base model (full fine-tuning). The champion (pipelines.champion), when it is
+    measured too, is a second adapter on `tuned` (`champion_adapter`) or a separate model (`champion`)."""
 
     tuned: Any
     separate_base: Any | None = None
+    champion: Any | None = None
+    champion_adapter: str | None = None
 
     @contextlib.contextmanager
     def use(self, which: Which) -> Iterator[Any]:
-        if which == "fine_tuned":
+        if which == "champion":
+            with champion_seat.use(self, self.tuned) as model:
+                yield model
+        elif which == "fine_tuned":
             yield self.tuned
         elif self.separate_base is not None:
             yield self.separate_base
@@ -360,18 +373,22 @@ class Evaluation:
     summary: dict[str, Any]  # the content of metrics.json
     examples: list[dict[str, Any]]  # one record per test row: prompt, reference, both outputs + scores
     seconds: dict[str, float] = field(default_factory=dict)
+    champion: dict[str, Any] | None = None  # champion vs fine-tuned (pipelines.champion.compare) when measured
 
 
-def _score_model(models: Models, which: Which, tokenizer: Any, examples: list[EvalExample],
-                 test_tok: list[TokenizedConversation], probe_tok: list[TokenizedConversation],
+def _score_model(models: Any, which: str, tokenizer: Any, examples: list[EvalExample],
+                 test_tok: list[TokenizedConversation], probe_tok: list[TokenizedConversation] | None,
                  cfg: EvaluateConfig, seconds: dict[str, float]) -> tuple[ModelScores, tuple[list[float], list[int]]]:
+    """Greedy answers and completion losses of one seat of `models` on the test rows, and its probe-set losses
+    (([], []) when `probe_tok` is None: the champion is measured on the test rows only)."""
     with models.use(which) as model:
         t0 = time.perf_counter()
         predictions = generate(model, tokenizer, [e.prompt_ids for e in examples], batch_size=cfg.batch_size,
                                max_new_tokens=cfg.max_new_tokens, desc=f"generate {which}")
         t1 = time.perf_counter()
         nll, counts = completion_nll(model, tokenizer, test_tok, batch_size=cfg.batch_size, desc=f"loss {which}")
-        probe = completion_nll(model, tokenizer, probe_tok, batch_size=cfg.batch_size, desc=f"probe {which}")
+        probe = ([], []) if probe_tok is None else completion_nll(model, tokenizer, probe_tok,
+                                                                  batch_size=cfg.batch_size, desc=f"probe {which}")
         seconds[f"generate_{which}"] = round(t1 - t0, 3)
         seconds[f"loss_{which}"] = round(time.perf_counter() - t1, 3)
     return ModelScores(predictions, nll, counts), probe
@@ -452,7 +469,8 @@ def breakdown(labels: Sequence[str], references: Sequence[str], base: ModelScore
 
 def _example_records(examples: list[EvalExample], base: ModelScores, tuned: ModelScores,
                      base_scores: list[dict[str, Any]], tuned_scores: list[dict[str, Any]], answers: Answers,
-                     sources: Sequence[Any]) -> list[dict[str, Any]]:
+                     sources: Sequence[Any], champion: tuple[ModelScores, list[Answer]] | None = None
+                     ) -> list[dict[str, Any]]:
     def side(m: ModelScores, i: int, scores: dict[str, Any], which: Which) -> dict[str, Any]:
         return {"output": m.predictions[i], "answer": getattr(answers, which)[i].text,
                 "reasoning_tokens": answers.tokens[which][i], "loss": m.example_loss[i], "n_tokens": m.n_tokens[i],
@@ -465,15 +483,28 @@ def _example_records(examples: list[EvalExample], base: ModelScores, tuned: Mode
                         "reference_reasoning_tokens": answers.tokens["reference"][i],
                         "base": side(base, i, base_scores[i], "base"),
                         "fine_tuned": side(tuned, i, tuned_scores[i], "fine_tuned")})
+        if champion is not None:
+            scores, extracted = champion
+            records[-1]["champion"] = {"output": scores.predictions[i], "answer": extracted[i].text,
+                                       "loss": scores.example_loss[i], "n_tokens": scores.n_tokens[i],
+                                       **score_example(extracted[i].text, answers.reference[i].text)}
     return records
 
 
-def evaluate_models(models: Models, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                    probe_rows: Sequence[dict[str, Any]], cfg: EvaluateConfig) -> Evaluation:
+def _answers_of(scores: ModelScores, cfg: EvaluateConfig) -> tuple[ModelScores, list[Answer]]:
+    """`scores` with each prediction replaced by its final answer (pipelines.metrics.extract_answer); the answers."""
+    extracted = [extract_answer(t, cfg.reasoning_pattern, cfg.answer_patterns) for t in scores.predictions]
+    return ModelScores([a.text for a in extracted], scores.nll_sum, scores.n_tokens), extracted
+
+
+def evaluate_models(models: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                    probe_rows: Sequence[dict[str, Any]], cfg: EvaluateConfig, *, champion: bool = False) -> Evaluation:
     """Generate, score and compare both models on `rows`; measure forgetting on `probe_rows`.
 
     Exact match and the task metrics compare the final answers (extract_answers: reasoning removed); the loss is
-    over the whole reference answer, reasoning included, as it was trained."""
+    over the whole reference answer, reasoning included, as it was trained. With `champion`, the champion seat of
+    `models` (pipelines.champion) answers the same rows too, scored the same way, and `Evaluation.champion` compares
+    the fine-tuned model with it (one more generation and loss pass; no probe)."""
     examples = build_examples(rows, tokenizer)
     test_tok = tokenize_for_loss(tokenizer, [(e.messages, e.tools) for e in examples])
     probe_tok = tokenize_for_loss(tokenizer, [(r["messages"], r.get("tools")) for r in probe_rows])
@@ -487,6 +518,9 @@ def evaluate_models(models: Models, tokenizer: Any, rows: Sequence[dict[str, Any
     summary, base_scores, tuned_scores = summarise(
         references, scored_base, scored_tuned, samples=cfg.bootstrap_samples, confidence=cfg.confidence
     )
+    champ = None
+    if champion:
+        champ, _ = _score_model(models, "champion", tokenizer, examples, test_tok, None, cfg, seconds)
     probe = _probe_summary(base_probe, tuned_probe, cfg)
     summary.update({
         "n_test": len(examples), "primary_metric": cfg.primary_metric, "probe": probe,
@@ -498,9 +532,28 @@ def evaluate_models(models: Models, tokenizer: Any, rows: Sequence[dict[str, Any
     passed, reasons = gate(summary, cfg)
     summary["gate"] = {"passed": passed, "reasons": reasons, "min_improvement": cfg.min_improvement,
                        "max_forgetting": cfg.max_forgetting}
+    champion_answers, comparison = None, None
+    if champ is not None:
+        scored_champ, extracted = _answers_of(champ, cfg)
+        champion_answers = (champ, extracted)
+        comparison = champion_seat.compare(references, scored_champ, scored_tuned, cfg)
     records = _example_records(examples, base, tuned, base_scores, tuned_scores, answers,
-                               [r.get("source") for r in rows])
-    return Evaluation(summary, records, seconds)
+                               [r.get("source") for r in rows], champion_answers)
+    return Evaluation(summary, records, seconds, comparison)
+
+
+def compare_with_champion(models: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: EvaluateConfig
+                          ) -> tuple[dict[str, Any], dict[str, float]]:
+    """The fine-tuned seat of `models` vs its champion seat on `rows` alone (no base, no probe): the comparison of
+    pipelines.champion.compare, on final answers as evaluate_models scores them, and the seconds each pass took. For
+    a candidate whose other evaluation was skipped."""
+    examples = build_examples(rows, tokenizer)
+    test_tok = tokenize_for_loss(tokenizer, [(e.messages, e.tools) for e in examples])
+    seconds: dict[str, float] = {}
+    tuned, _ = _score_model(models, "fine_tuned", tokenizer, examples, test_tok, None, cfg, seconds)
+    champ, _ = _score_model(models, "champion", tokenizer, examples, test_tok, None, cfg, seconds)
+    references = [extract_answer(e.reference, cfg.reasoning_pattern, cfg.answer_patterns).text for e in examples]
+    return champion_seat.compare(references, _answers_of(champ, cfg)[0], _answers_of(tuned, cfg)[0], cfg), seconds
 
 
 def rank_examples(records: list[dict[str, Any]], primary: str, k: int = N_SHOWN) -> tuple[list[dict], list[dict]]:
@@ -630,12 +683,22 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
     started = time.perf_counter()
     full = _is_full_model(params, adapter_dir)
     four_bit = env.device == "cuda" and (params.train.method == "qlora" or env.load_in_4bit) and not full
-    models, tokenizer = load_models(base_dir, adapter_dir, full=full, trust_remote_code=params.model.trust_remote_code,
+    trust = params.model.trust_remote_code
+    if params.align.method == "none":  # the SFT adapter is the final candidate: compare it with the champion here
+        found, section = champion_seat.locate(params, adapter_dir, candidate="sft", measured_by="evaluate")
+    else:
+        found, section = None, champion_seat.deferred(
+            "sft", "evaluate-alignment", f"align.method is {params.align.method}, so the final candidate is the "
+            "adapter after the align stage: evaluate-alignment compares it with the champion")
+    models, tokenizer = load_models(base_dir, adapter_dir, full=full, trust_remote_code=trust, env=env,
+                                    four_bit=four_bit)
+    measured = champion_seat.attach(models, models.tuned, found, section, base_dir=base_dir, trust_remote_code=trust,
                                     env=env, four_bit=four_bit)
     try:
-        result = evaluate_models(models, tokenizer, rows, load_probe(), cfg)
+        result = evaluate_models(models, tokenizer, rows, load_probe(), cfg, champion=measured)
     except TemplateError as exc:
         raise StageError(f"the chat template of '{base_dir}' cannot render the test rows: {exc}") from None
+    result.summary["champion"] = champion_seat.decide({**section, **(result.champion or {})}, cfg)
     result.summary["adapter_sha256"] = adapter_sha
     result.summary["evaluated_on"] = {"device": env.device, "precision": evaluation_precision(env),
                                       "four_bit_base": four_bit}
@@ -674,6 +737,8 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
         "forgetting": round(s["forgetting"], 4), "gate_passed": s["gate"]["passed"],
         "gate_reasons": s["gate"]["reasons"], "metric_table_md": report.metric_table_markdown(s),
         "breakdown_md": "\n\n".join(report.breakdown_markdown(s)) or "no breakdown (evaluate.breakdown_by: [])",
+        **champion_seat.figures(s["champion"], primary),
+        "champion_table_md": report.champion_table_markdown(s["champion"], ("base", s["base"])),
         "loss_curve": {"train": train_pts, "eval": eval_pts}, "token_histogram": hist,
         "seconds": {**result.seconds, "total": round(time.perf_counter() - started, 3)},
     }
@@ -683,6 +748,6 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
     return StageResult("evaluate", outputs=outputs, metrics=figures)
 
 
-__all__ = ["EvalExample", "Evaluation", "HIGHER_IS_BETTER", "Models", "build_examples", "completion_nll",
-           "evaluate_models", "find_token_histogram", "gate", "generate", "generate_ids", "load_models",
-           "load_probe", "loss_csv", "loss_points", "rank_examples", "run", "stop_token_ids"]
+__all__ = ["EvalExample", "Evaluation", "HIGHER_IS_BETTER", "Models", "build_examples", "compare_with_champion",
+           "completion_nll", "evaluate_models", "find_token_histogram", "gate", "generate", "generate_ids",
+           "load_models", "load_probe", "loss_csv", "loss_points", "rank_examples", "run", "stop_token_ids"]

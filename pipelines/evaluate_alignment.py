@@ -17,15 +17,21 @@ preference tuning differs between them.
    with paired bootstrap intervals, and the forgetting probe (the rise of the general probe-set loss from SFT to
    aligned). In alignment_metrics.json the seats are named sft and aligned.
 3. The alignment gate (pipelines.metrics.alignment_gate with params align.gate and evaluate.primary_metric).
-4. The report: table, the reward-margin curve of training (TRL's rewards/margins per step, from the aligned
+4. The champion (pipelines.champion): the adapter promoted before (paths.promoted, read as it is now: not a DVC
+   dependency) answers the same test rows as the aligned adapter, the final candidate; the `champion` section of
+   alignment_metrics.json compares them side by side (the rule is applied by promote).
+5. The report: table, the reward-margin curve of training (TRL's rewards/margins per step, from the aligned
    adapter's train_log.json), and five held-out pairs side by side with both models' generations (the first five
    by id: ids are hashes, so an unselected sample).
 
 When the align stage trained nothing (align.method none, or no pairs), the report and metrics say why and the gate
-is not applicable: the SFT adapter stays the final one (pipelines.promote). When it trained but the test split holds
+is not applicable: the SFT adapter stays the final one (pipelines.promote). With align.method none, `evaluate` has
+compared it with the champion; when the align stage found no pairs, this stage does (the SFT adapter and the champion
+on the SFT test split: two generation and loss passes). When it trained but the test split holds
 no pair (KTO rows whose prompts have a single label), there is no preference evidence: the gate fails on it.
 
-Reads:  paths.base_model, paths.adapter, paths.aligned_adapter, paths.preferences/test.jsonl, paths.splits/test.jsonl
+Reads:  paths.base_model, paths.adapter, paths.aligned_adapter, paths.preferences/test.jsonl, paths.splits/test.jsonl,
+        paths.promoted (the champion)
 Writes: paths.alignment/ report.html (self-contained), report.md (+ PNGs), pairs.jsonl (per-pair log-likelihoods),
         examples.jsonl (task rows), reward_margins.csv and eval_reward_margins.csv (DVC plots);
         paths.alignment_metrics (alignment_metrics.json, DVC metrics).
@@ -42,11 +48,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines import champion as champion_seat
 from pipelines import report
 from pipelines.align import is_full, read_record, reward_curve
 from pipelines.chat import TemplateError, TokenizedConversation, tokenize_conversation, tokenize_prompt
 from pipelines.config import Params
-from pipelines.evaluate import _load_causal_lm, _read_test_rows, completion_nll, evaluate_models, generate, load_probe
+from pipelines.evaluate import (
+    _load_causal_lm,
+    _read_test_rows,
+    compare_with_champion,
+    completion_nll,
+    evaluate_models,
+    generate,
+    load_probe,
+)
+from pipelines.evaluate import load_models as load_sft_model
 from pipelines.io import StageError, StageResult, atomic_dir, read_json, read_jsonl, require, sha256_tree, write_json
 from pipelines.methods import safetensors_adapter
 from pipelines.metrics import METRICS, alignment_gate, preference_scores
@@ -68,10 +84,16 @@ class AlignedModels:
 
     model: Any  # the peft model holding both adapters, or the aligned whole model
     separate_sft: Any | None = None  # full fine-tuning: the SFT model, loaded on its own
+    champion: Any | None = None  # pipelines.champion: a separately loaded champion, or
+    champion_adapter: str | None = None  # its adapter name on `model`
 
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[Any]:
         name = SEATS.get(which, which)
+        if name == "champion":
+            with champion_seat.use(self, self.model) as model:
+                yield model
+            return
         if self.separate_sft is not None:
             yield self.separate_sft if name == "sft" else self.model
             return
@@ -145,13 +167,39 @@ def _renamed(obj: Any) -> Any:
 # -------------------------------------------------------------------------------------------------------- run
 
 
+def _sft_champion(params: Params) -> tuple[dict[str, Any], dict[str, float]]:
+    """The champion section when the align stage trained nothing: with align.method none `evaluate` compared the SFT
+    adapter with the champion; otherwise (no preference pairs) the SFT adapter is compared with it here."""
+    if params.align.method == "none":
+        return champion_seat.deferred("sft", "evaluate", "align.method is none, so the SFT adapter is the final "
+                                      "candidate: evaluate compares it with the champion"), {}
+    base_dir, sft_dir = params.path("base_model"), params.path("adapter")
+    found, section = champion_seat.locate(params, sft_dir, candidate="sft", measured_by="evaluate-alignment")
+    if found is None:
+        return section, {}
+    trust = params.model.trust_remote_code
+    models, tokenizer = load_sft_model(base_dir, sft_dir, full=is_full(sft_dir), trust_remote_code=trust)
+    if not champion_seat.attach(models, models.tuned, found, section, base_dir=base_dir, trust_remote_code=trust):
+        return section, {}
+    rows = _read_test_rows(require(params.path("splits") / "test.jsonl", "split"), params.evaluate.max_examples)
+    try:
+        comparison, seconds = compare_with_champion(models, tokenizer, rows, params.evaluate)
+    except TemplateError as exc:
+        raise StageError(f"the chat template cannot render the test rows: {exc}") from None
+    return {**section, **comparison}, seconds
+
+
 def _skipped(params: Params, record: dict[str, Any]) -> StageResult:
+    started = time.perf_counter()
     reason = record.get("reason", "the align stage trained nothing")
+    champion, seconds = _sft_champion(params)
+    champion = champion_seat.decide(champion, params.evaluate)
     metrics = {"aligned": False, "applicable": False, "method": record.get("method"), "reason": reason,
                "sft_adapter_sha256": sha256_tree(params.path("adapter")),
                "aligned_adapter_sha256": sha256_tree(params.path("aligned_adapter")),
                "gate": {"passed": False, "applicable": False,
-                        "reasons": [f"not applicable: {reason}; the SFT adapter stays the final one."]}}
+                        "reasons": [f"not applicable: {reason}; the SFT adapter stays the final one."]},
+               "champion": champion}
     out_dir = params.path("alignment")
     with atomic_dir(out_dir, "alignment") as tmp:
         ctx = report.AlignmentContext(metrics=metrics)
@@ -160,9 +208,12 @@ def _skipped(params: Params, record: dict[str, Any]) -> StageResult:
         (tmp / "reward_margins.csv").write_text("step,reward_margin\n", encoding="utf-8")
         (tmp / "eval_reward_margins.csv").write_text("step,eval_reward_margin\n", encoding="utf-8")
     write_json(params.path("alignment_metrics"), metrics)
+    primary = params.evaluate.primary_metric
     return StageResult("evaluate-alignment", {"alignment": out_dir, "metrics": params.path("alignment_metrics")},
                        {"aligned": False, "gate_applicable": False, "gate_passed": False, "reason": reason,
-                        "gate_reasons": metrics["gate"]["reasons"]})
+                        "gate_reasons": metrics["gate"]["reasons"], **champion_seat.figures(champion, primary),
+                        "champion_table_md": report.champion_table_markdown(champion, None, "SFT"),
+                        "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)}})
 
 
 def _preference_figures(preference: dict[str, Any] | None) -> dict[str, Any]:
@@ -200,10 +251,13 @@ def run(params: Params) -> StageResult:
         pairs = pairs[: cfg.max_eval_pairs]
     test_rows = _read_test_rows(require(params.path("splits") / "test.jsonl", "split"), ecfg.max_examples)
     sft_sha, aligned_sha = sha256_tree(params.path("adapter")), sha256_tree(aligned_dir)
+    found, champion = champion_seat.locate(params, aligned_dir, candidate="aligned", measured_by="evaluate-alignment")
     models, tokenizer = load_models(params)
+    measured = champion_seat.attach(models, models.model, found, champion, base_dir=params.path("base_model"),
+                                    trust_remote_code=params.model.trust_remote_code)
     try:
         logps = pair_log_likelihoods(models, tokenizer, pairs, ecfg.batch_size)
-        task = evaluate_models(models, tokenizer, test_rows, load_probe(), ecfg)
+        task = evaluate_models(models, tokenizer, test_rows, load_probe(), ecfg, champion=measured)
         shown = pairs[:N_SHOWN]
         prompts = [tokenize_prompt(tokenizer, [*p["prompt"], *p["chosen"]], tools=p.get("tools")).input_ids
                    for p in shown]  # token ids, as evaluate.generate takes them
@@ -229,6 +283,7 @@ def run(params: Params) -> StageResult:
     }
     passed, reasons = alignment_gate(metrics, cfg.gate, ecfg.primary_metric)
     metrics["gate"] = {"passed": passed, "applicable": True, "reasons": reasons, **cfg.gate.model_dump()}
+    metrics["champion"] = champion_seat.decide({**champion, **(task.champion or {})}, ecfg)
     sides = ("chosen", "rejected")
     pair_records = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
                      **{f"{name}_logp_{side}": logps[name][side][i] for name in logps for side in sides},
@@ -269,6 +324,9 @@ def run(params: Params) -> StageResult:
         "forgetting": round(summary["forgetting"], 4),
         "gate_applicable": True, "gate_passed": passed, "gate_reasons": reasons,
         "metric_table_md": report.alignment_table_markdown(metrics),
+        **champion_seat.figures(metrics["champion"], primary),
+        "champion_table_md": report.champion_table_markdown(metrics["champion"], ("SFT", metrics["task"]["sft"]),
+                                                            "aligned"),
         "seconds": {**task.seconds, "total": round(time.perf_counter() - started, 3)},
     }
     outputs = {"alignment": out_dir, "metrics": params.path("alignment_metrics"),

@@ -416,3 +416,45 @@ def alignment_gate(metrics: dict[str, Any], cfg: Any, primary_metric: str) -> tu
                        f"{'pass' if within else 'FAIL'}.")
         ok = ok and within
     return ok, reasons
+
+
+# ------------------------------------------------------------------------------------------------ champion
+
+
+def champion_shortfall(comparison: dict[str, Any], primary_metric: str) -> float | None:
+    """How much worse the candidate is than the champion on `primary_metric` (negative: better), in the metric's
+    units; None when the comparison holds no value of it for both."""
+    champion = comparison.get("champion", {}).get(primary_metric)
+    candidate = comparison.get("candidate", {}).get(primary_metric)
+    if champion is None or candidate is None or math.isnan(champion) or math.isnan(candidate):
+        return None
+    sign = 1.0 if HIGHER_IS_BETTER.get(primary_metric, True) else -1.0
+    return sign * (champion - candidate)
+
+
+def champion_gate(comparison: dict[str, Any] | None, primary_metric: str, margin: float) -> tuple[bool, list[str]]:
+    """May the candidate replace the champion (the adapter promoted before)? One sentence with its numbers.
+
+    Passes when, on `primary_metric` over the same test rows, the candidate is at most `margin` worse than the
+    champion (point estimate, as align.gate.max_task_drop; for loss/perplexity worse is higher); the paired bootstrap
+    interval of candidate - champion is quoted as evidence. A comparison that was not made (no champion yet, the
+    champion is this very adapter, it was trained on another base model, or it does not load: `compared` false with a
+    `reason`) passes with that reason. `comparison` is the `champion` section of metrics.json or
+    alignment_metrics.json (pipelines.champion); None, or a comparison without the metric, fails."""
+    if not comparison:
+        return False, ["champion: no comparison with the champion was measured; FAIL."]
+    if not comparison.get("compared"):
+        return True, [f"champion: no champion comparison ({comparison.get('reason') or 'no reason recorded'}); pass."]
+    shortfall = champion_shortfall(comparison, primary_metric)
+    if shortfall is None:
+        return False, [f"champion: '{primary_metric}' was not measured for both the candidate and the champion; FAIL."]
+    champion, candidate = comparison["champion"][primary_metric], comparison["candidate"][primary_metric]
+    within = shortfall <= margin + FLOAT_SLACK
+    how = (f"{shortfall:.4f} worse" if shortfall > FLOAT_SLACK else f"{-shortfall:.4f} better"
+           if shortfall < -FLOAT_SLACK else "equal")
+    ci = comparison.get("ci", {}).get("delta", {}).get(primary_metric)
+    level = comparison.get("confidence", 0.95)
+    interval = f" ({level:.0%} interval of candidate - champion {_fmt_ci(ci)})" if ci else ""
+    return within, [f"champion: {primary_metric} candidate {candidate:.4f} vs champion {champion:.4f} on "
+                    f"{comparison.get('n_test')} test rows{interval}, {how}, {'within' if within else 'more than'} "
+                    f"the allowed margin {margin:.4f}; {'pass' if within else 'FAIL'}."]

@@ -13,11 +13,21 @@ it must pass. Concretely:
    run, where the blocking check aligned_beats_sft stops this asset. To ship the SFT adapter on purpose, set
    align.method: none.
 3. If no alignment ran (align.method none, or no preference data), the SFT adapter is promoted on its gate alone.
-Both gates are re-applied with the current params (evaluate.*, align.gate), so tightening a bound in params.yaml
+4. Against the champion (pipelines.metrics.champion_gate): the adapter chosen above may be at most
+   evaluate.champion_margin worse on evaluate.primary_metric than the champion, the adapter promoted before, both
+   measured on the same test rows by the stage that evaluated the candidate (pipelines.champion: `evaluate` for the
+   SFT adapter with align.method none, else `evaluate-alignment`). If it is worse, nothing is promoted and the
+   champion stays. No champion (the first promotion), the champion being this very adapter, a champion on another
+   base model or one that does not load: no comparison, and the reason is recorded. The comparison must have been
+   made with the champion in place now (or the candidate is already the champion): a champion promoted since the
+   evaluation means re-running it.
+The gates are re-applied with the current params (evaluate.*, align.gate), so tightening a bound in params.yaml
 re-decides without re-evaluating, and both metrics files must have been measured on the adapters on disk.
 
 On a pass the chosen adapter folder is copied whole to paths.promoted (swapped in atomically) with PROMOTED.json:
-which adapter ("aligned" or "sft"), its content hash, and both gates' numbers; no timestamp, so the same adapter
+which adapter ("aligned" or "sft"), its content hash, the gates' numbers and the champion comparison (`champion`: the
+champion's hash, both models' metrics side by side, the interval of candidate - champion, the rule's sentence); no
+timestamp, so the same adapter
 promoted twice is byte-identical. On a fail it raises StageError with the failing reasons: the DVC stage fails
 loudly and the previous promoted adapter, if any, stays in place.
 """
@@ -28,11 +38,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipelines.champion import PROMOTED_MANIFEST
+from pipelines.champion import figures as champion_figures
 from pipelines.config import Params
 from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_json, require, sha256_tree, write_json
-from pipelines.metrics import alignment_gate, gate
+from pipelines.methods import weights_sha256
+from pipelines.metrics import alignment_gate, champion_gate, champion_shortfall, gate
+from pipelines.report import champion_table_markdown
 
-MANIFEST = "PROMOTED.json"
+MANIFEST = PROMOTED_MANIFEST
 
 
 def promotion_record(metrics: dict[str, Any], reasons: list[str], adapter_sha256: str) -> dict[str, Any]:
@@ -90,6 +104,45 @@ def alignment_decision(params: Params) -> tuple[str, dict[str, Any] | None, list
                        "forgetting": alignment.get("task", {}).get("forgetting")}, reasons
 
 
+def champion_comparison(params: Params, which: str, source: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The `champion` section measured for the adapter promote is about to copy (`which`, from `source`): the one of
+    alignment_metrics.json or metrics.json whose candidate has the same weights; StageError when none has, or when it
+    was made with another champion than the one in paths.promoted now."""
+    candidate_sha = weights_sha256(source)
+    sections = [read_json(params.path("alignment_metrics")).get("champion"), metrics.get("champion")]
+    found = next((s for s in sections if isinstance(s, dict) and s.get("candidate_weights_sha256") == candidate_sha),
+                 None)
+    if found is None:
+        raise StageError(f"neither '{params.path('metrics')}' nor '{params.path('alignment_metrics')}' compares the "
+                         f"{which} adapter in '{source}' with the champion (made before the champion rule, or for "
+                         "another adapter); re-run the 'evaluate' and 'evaluate-alignment' stages before promoting")
+    folder = params.path("promoted")
+    now = weights_sha256(folder) if folder.is_dir() else None
+    then = found.get("weights_sha256")
+    if now not in (then, candidate_sha):
+        raise StageError(
+            f"the champion in '{folder}' changed since '{found.get('measured_by')}' compared the {which} adapter with "
+            f"it (weights {str(then)[:12] if then else 'none'} then, {now[:12] if now else 'none'} now); re-run the "
+            f"'{found.get('measured_by')}' stage so that the candidate is compared with the champion in place")
+    return found
+
+
+def _refusal(which: str, source: Path, params: Params, comparison: dict[str, Any]) -> str:
+    """One sentence: why the candidate is not promoted over the champion, with both numbers and the margin."""
+    primary, margin = params.evaluate.primary_metric, params.evaluate.champion_margin
+    shortfall = champion_shortfall(comparison, primary)
+    sha = comparison.get("promoted_sha256") or comparison.get("weights_sha256") or ""
+    where = f"the champion in '{params.path('promoted')}' (adapter {str(sha)[:12]})"
+    if shortfall is None:
+        return (f"the {which} adapter in '{source}' was not promoted because its comparison with {where} holds no "
+                f"{primary} for both models; re-run the '{comparison.get('measured_by')}' stage.")
+    return (f"the {which} adapter in '{source}' was not promoted because it is worse than {where}: {primary} "
+            f"{comparison['candidate'][primary]:.4f} vs the champion's {comparison['champion'][primary]:.4f} on "
+            f"{comparison.get('n_test')} test rows, {shortfall:.4f} worse, more than evaluate.champion_margin "
+            f"{margin:g}; the champion stays in place: improve the adapter (data, training) or, deliberately, raise "
+            "evaluate.champion_margin in params.yaml.")
+
+
 def run(params: Params) -> StageResult:
     out = claim_output(params, "promoted")  # before any work: the folder is the stage's own, and writable
     metrics_path = params.path("metrics")
@@ -107,16 +160,26 @@ def run(params: Params) -> StageResult:
     which, alignment, alignment_reasons = alignment_decision(params)
     source = params.path("aligned_adapter") if which == "aligned" else adapter_dir
     source_sha = sha256_tree(source) if which == "aligned" else adapter_sha
+    comparison = champion_comparison(params, which, source, metrics)
+    primary = params.evaluate.primary_metric
+    beats_champion, champion_reasons = champion_gate(comparison, primary, params.evaluate.champion_margin)
+    if not beats_champion:
+        raise StageError(_refusal(which, source, params, comparison))
     record = {**promotion_record(metrics, reasons, source_sha), "adapter": which, "sft_adapter_sha256": adapter_sha,
-              "alignment_gate": alignment or {"applicable": False, "reasons": alignment_reasons}}
+              "alignment_gate": alignment or {"applicable": False, "reasons": alignment_reasons},
+              "champion": {**comparison, "primary_metric": primary,
+                           "gate": {"passed": True, "applicable": bool(comparison.get("compared")),
+                                    "reasons": champion_reasons, "champion_margin": params.evaluate.champion_margin}}}
     with atomic_dir(out, "promoted") as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         write_json(tmp / MANIFEST, record)
-    primary = params.evaluate.primary_metric
     return StageResult("promote", outputs={"promoted": out, "manifest": Path(out) / MANIFEST}, metrics={
         "promoted": True, "adapter": which, "adapter_sha256": source_sha, "primary_metric": primary,
         f"delta_{primary}": metrics.get("delta", {}).get(primary), "forgetting": metrics.get("forgetting"),
-        "gate_reasons": reasons + alignment_reasons,
+        "gate_reasons": reasons + alignment_reasons + champion_reasons,
+        **champion_figures(record["champion"], primary),
+        "champion_table_md": champion_table_markdown(record["champion"], ("base", metrics.get("base", {})),
+                                                     "aligned" if which == "aligned" else "fine-tuned"),
     })
 
 

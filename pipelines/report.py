@@ -183,6 +183,113 @@ def metric_table_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ champion
+# The candidate beside the champion (the adapter promoted before) and the model it was first compared with (the base
+# in the evaluation report, the SFT model in the alignment report), from the `champion` section of the metrics file
+# (pipelines.champion).
+
+
+def _verdict(ci: dict[str, float] | None, metric: str) -> str:
+    if not ci:
+        return ""
+    sign = 1 if HIGHER_IS_BETTER[metric] else -1
+    lo, hi = sorted((sign * ci["low"], sign * ci["high"]))
+    return "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
+
+
+Reference = tuple[str, dict[str, Any]] | None  # (label, metric -> value) of the model first compared with, if any
+
+
+def champion_rows(section: dict[str, Any], reference: Reference) -> list[list[str]]:
+    """One row per metric measured for both: the reference model's value (when there is one), the champion's and the
+    candidate's with their intervals, candidate - champion with its paired interval, a verdict."""
+    rows = []
+    ci = section.get("ci", {})
+    for m in METRICS:
+        if m not in section.get("champion", {}) or m not in section.get("candidate", {}):
+            continue
+        d_ci = ci.get("delta", {}).get(m)
+        rows.append({
+            "metric": LABELS[m] + (" (primary)" if m == section.get("primary_metric") else ""),
+            "reference": _num(reference[1].get(m), m) if reference else None,
+            "champion": f"{_num(section['champion'][m], m)} {_ci(ci.get('champion', {}).get(m), m)}".strip(),
+            "candidate": f"{_num(section['candidate'][m], m)} {_ci(ci.get('candidate', {}).get(m), m)}".strip(),
+            "delta": f"{_signed(section['delta'][m], m)} {_ci(d_ci, m, signed=True)}".strip(),
+            "verdict": _verdict(d_ci, m),
+        })
+    keys = ("metric", *(("reference",) if reference else ()), "champion", "candidate", "delta", "verdict")
+    return [[r[k] for k in keys] for r in rows]
+
+
+def champion_header(section: dict[str, Any], reference: Reference, candidate_label: str) -> list[str]:
+    level = f"{section.get('confidence', 0.95):.0%}"
+    return ["metric", *((reference[0],) if reference else ()), f"champion [{level} CI]",
+            f"{candidate_label} (candidate) [{level} CI]", f"candidate - champion [{level} CI]", ""]
+
+
+def champion_decision(section: dict[str, Any]) -> tuple[str, list[str], str]:
+    """(verdict, the rule's sentences, css class) of the champion comparison."""
+    g = section.get("gate", {})
+    if not section.get("compared"):
+        return "NOT COMPARED: no champion comparison", list(g.get("reasons", [])), "muted"
+    margin = g.get("champion_margin")
+    if g.get("passed"):
+        return (f"PASSED: not worse than the champion by more than evaluate.champion_margin ({margin:g})",
+                list(g.get("reasons", [])), "pass")
+    return (f"FAILED: worse than the champion by more than evaluate.champion_margin ({margin:g}); not promoted",
+            list(g.get("reasons", [])), "fail")
+
+
+def champion_intro(section: dict[str, Any]) -> str:
+    """Which champion, how it was loaded, on how many rows; or why there was no comparison."""
+    if not section.get("compared"):
+        return f"No champion comparison: {section.get('reason')}."
+    which = {"sft": "an SFT adapter", "aligned": "an aligned adapter"}.get(section.get("promoted_adapter"),
+                                                                          "an adapter")
+    sha = section.get("promoted_sha256") or section.get("weights_sha256") or ""
+    return (f"Champion: `{section.get('path')}` ({which} promoted before, content hash {str(sha)[:12]}), loaded as "
+            f"{section.get('loaded_as')}; the same {section.get('n_test')} test rows, greedy decoding. The champion "
+            "is read as it is when this stage runs (not a DVC dependency).")
+
+
+def champion_table_markdown(section: dict[str, Any], reference: Reference, candidate_label: str = "fine-tuned") -> str:
+    """The side-by-side table (reference model, champion, candidate) as Markdown, or the sentence saying why there
+    is none."""
+    if not section.get("compared"):
+        return champion_intro(section)
+    header = champion_header(section, reference, candidate_label)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in champion_rows(section, reference)]
+    return "\n".join(lines)
+
+
+def champion_markdown(section: dict[str, Any] | None, reference: Reference, candidate_label: str) -> list[str]:
+    """The report's champion section as Markdown lines."""
+    if not section:
+        return []
+    verdict, reasons, _ = champion_decision(section)
+    out = [f"## Champion: {verdict}", "", champion_intro(section), ""] + [f"- {r}" for r in reasons] + [""]
+    if section.get("compared"):
+        out += [champion_table_markdown(section, reference, candidate_label), "",
+                "Delta = candidate - champion; intervals are paired bootstrap intervals over the test rows.", ""]
+    return out
+
+
+def champion_html(section: dict[str, Any] | None, reference: Reference, candidate_label: str) -> list[str]:
+    """The report's champion section as HTML parts."""
+    if not section:
+        return []
+    verdict, reasons, cls = champion_decision(section)
+    parts = [f"<h2>Champion: <span class=\"{cls}\">{_e(verdict)}</span></h2>", f"<p>{_e(champion_intro(section))}</p>",
+             "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>"]
+    if section.get("compared"):
+        header = champion_header(section, reference, candidate_label)
+        parts += [_table(header, champion_rows(section, reference), classes=["", *["num"] * (len(header) - 2), ""]),
+                  "<p class=\"muted\">Delta = candidate - champion; intervals are paired bootstrap intervals over the "
+                  "test rows.</p>"]
+    return parts
+
+
 def _prompt_text(record: dict[str, Any]) -> str:
     """The conversation before the answer, one 'role: content' per turn (the template is in examples.jsonl)."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in record.get("messages", []))
@@ -310,6 +417,7 @@ def render_markdown(ctx: ReportContext, images: Sequence[str]) -> str:
         out += ["## Reasoning", "", REASONING_NOTE, "", "| " + " | ".join(REASONING_HEADER) + " |",
                 "|" + "---|" * len(REASONING_HEADER)]
         out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in reasoning_rows(m)] + [""]
+    out += champion_markdown(m.get("champion"), ("base", m["base"]), "fine-tuned")
     out += ["## Forgetting", "", _probe_line(m), ""]
     for name in images:
         out += [f"## {CAPTIONS.get(name, name)}", "", f"![{CAPTIONS.get(name, name)}]({name})", ""]
@@ -400,6 +508,7 @@ def render_html(ctx: ReportContext, images: dict[str, bytes]) -> str:
     if has_reasoning(m):
         parts += ["<h2>Reasoning</h2>", f"<p class=\"muted\">{_e(REASONING_NOTE)}</p>",
                   _table(REASONING_HEADER, reasoning_rows(m), classes=["", "num", "num", "num", "num"])]
+    parts += champion_html(m.get("champion"), ("base", m["base"]), "fine-tuned")
     parts += ["<h2>Forgetting</h2>", f"<p>{_e(_probe_line(m))}</p>"]
     if images:
         figs = []
@@ -560,11 +669,20 @@ def _forgetting_line(metrics: dict[str, Any]) -> str:
             f"{p['aligned_loss']:.4f} nats/token, change {task['forgetting']:+.4f}{ci_text}.")
 
 
+def _align_champion(m: dict[str, Any]) -> tuple[Reference, str]:
+    """The champion table's reference column and candidate label: SFT and aligned, or (nothing trained) the SFT
+    adapter as the candidate with no reference."""
+    if m.get("applicable", True) and m.get("task"):
+        return ("SFT", m["task"].get("sft", {})), "aligned"
+    return None, "SFT"
+
+
 def render_alignment_markdown(ctx: AlignmentContext, images: Sequence[str]) -> str:
     m = ctx.metrics
     verdict, reasons = _align_gate(m)
     out = ["# Alignment: SFT vs aligned", "", _intro(m), "", f"## Alignment gate: {verdict}", ""]
     out += [f"- {r}" for r in reasons] + [""]
+    out += champion_markdown(m.get("champion"), *_align_champion(m))
     if m.get("applicable", True):
         out += ["## Held-out preference pairs", "", alignment_table_markdown(m), "",
                 "Delta = aligned - SFT; intervals are paired bootstrap intervals over pairs.", "",
@@ -590,6 +708,7 @@ def render_alignment_html(ctx: AlignmentContext, images: dict[str, bytes]) -> st
              "<h1>Alignment: SFT vs aligned</h1>", f"<p>{_e(_intro(m))}</p>",
              f"<h2>Alignment gate: <span class=\"{cls}\">{_e(verdict)}</span></h2>",
              "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>"]
+    parts += champion_html(m.get("champion"), *_align_champion(m))
     if m.get("applicable", True):
         level = f"{(m.get('preference') or {}).get('confidence', 0.95):.0%}"
         parts += ["<h2>Held-out preference pairs</h2>",

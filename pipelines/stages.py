@@ -166,11 +166,14 @@ STAGES: tuple[Stage, ...] = (
         name="evaluate", module="pipelines.evaluate", asset="evaluation_report", group="evaluation",
         help="base vs fine-tuned on the test split; report + metrics",
         description="Base model vs fine-tuned adapter on the held-out test split: exact match, ROUGE-L, loss, "
-        "JSON validity with bootstrap confidence intervals, forgetting on a general probe set; report.html/.md "
-        "and metrics.json.",
-        params=("evaluate", "train.method", "model.trust_remote_code"),
+        "JSON validity with bootstrap confidence intervals, forgetting on a general probe set; with align.method "
+        "none also the champion (the adapter promoted before) side by side; report.html/.md and metrics.json.",
+        # paths.promoted: the champion, read as it is when the stage runs. Not a dep: promote writes it after this
+        # stage (a cycle); a new champion does not by itself rerun evaluate (pipelines/champion.py).
+        params=("evaluate", "train.method", "model.trust_remote_code", "align.method", "paths.promoted"),
         inputs=("adapter", "base_model", "splits", "formatted"), outputs=("evaluation",), metrics=("metrics",),
-        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods", _SCHEMAS),
+        code=("pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.methods", "pipelines.champion",
+              _SCHEMAS),
         files=("probe_general.jsonl",),
         kinds=("pytorch", "huggingface", "html"), versioned=(("metrics", None),), rebuild_on=("lora_adapter",),
         uses_trainer=True,
@@ -195,11 +198,15 @@ STAGES: tuple[Stage, ...] = (
         help="SFT vs aligned: held-out preference accuracy, task metrics, forgetting; the alignment gate",
         description="SFT vs aligned adapter: preference accuracy and reward margin on the held-out preference pairs, "
         "task metrics and the forgetting probe on the SFT test split, with paired bootstrap intervals; the alignment "
-        "gate; report.html/.md and alignment_metrics.json.",
-        params=("align.max_eval_pairs", "align.gate", "evaluate", "model.trust_remote_code"),
+        "gate; the final candidate beside the champion (the adapter promoted before); report.html/.md and "
+        "alignment_metrics.json.",
+        # paths.promoted: the champion, read, not a dep (as for evaluate)
+        params=("align.max_eval_pairs", "align.gate", "align.method", "evaluate", "model.trust_remote_code",
+                "paths.promoted"),
         inputs=("aligned_adapter", "adapter", "base_model", "preferences", "splits"), outputs=("alignment",),
         metrics=("alignment_metrics",),
-        code=("pipelines.evaluate", "pipelines.metrics", "pipelines.report", "pipelines.chat"),
+        code=("pipelines.evaluate", "pipelines.metrics", "pipelines.report", "pipelines.chat", "pipelines.champion",
+              "pipelines.methods"),
         files=("probe_general.jsonl",), kinds=("pytorch", "huggingface", "html"),
         versioned=(("alignment_metrics", None),), rebuild_on=("preference_adapter",),
         plots={"reward_margins": {"template": "linear", "x": "step", "y": {
@@ -210,12 +217,15 @@ STAGES: tuple[Stage, ...] = (
         name="promote", module="pipelines.promote", asset="promoted_adapter", group="evaluation",
         help="copy the final adapter (aligned, or SFT without alignment) to the promoted folder if its gates passed",
         description="The adapter that passed the promotion gates (copied with PROMOTED.json): the aligned adapter "
-        "when preference tuning ran and passed the alignment gate, the SFT adapter when there was no alignment. In "
-        "a run it starts only after the blocking checks fine_tuned_beats_base and aligned_beats_sft passed; the "
-        "stage re-applies both gates itself.",
-        params=("evaluate.primary_metric", "evaluate.min_improvement", "evaluate.max_forgetting", "align.gate"),
+        "when preference tuning ran and passed the alignment gate, the SFT adapter when there was no alignment; in "
+        "either case not worse than the champion (the adapter promoted before) by more than "
+        "evaluate.champion_margin. In a run it starts only after the blocking checks fine_tuned_beats_base and "
+        "aligned_beats_sft passed; the stage re-applies every gate itself.",
+        params=("evaluate.primary_metric", "evaluate.min_improvement", "evaluate.max_forgetting",
+                "evaluate.champion_margin", "align.gate"),
         inputs=("metrics", "adapter", "alignment_metrics", "aligned_adapter"), outputs=("promoted",),
-        code=("pipelines.metrics",), kinds=("huggingface",),
+        code=("pipelines.metrics", "pipelines.champion", "pipelines.methods", "pipelines.report"),
+        kinds=("huggingface",),
         rebuild_on=("evaluation_report", "alignment_report"),
     ),
     Stage(
@@ -296,6 +306,10 @@ DVC_HEADER = """\
 # later stage (a cycle) and a folder outside the pipeline is not tracked. DVC reruns train when the key's value
 # changes, not when that folder's content does (`dvc repro -f train` then); the parent's content hash is in the
 # run hash, in data/adapter/train_metrics.json (parent_weights_sha256) and in the run card.
+# paths.promoted is also the champion that evaluate (align.method none) or evaluate-alignment measures beside the
+# final candidate: it is READ when that stage runs, not a dep (promote writes it later: a cycle), so a new champion
+# does not by itself rerun an evaluation; the next candidate is compared with whatever champion is promoted when it
+# is evaluated, and promote refuses a comparison made with another champion (rerun the evaluation then).
 """
 
 

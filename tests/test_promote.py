@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipelines import champion
 from pipelines.config import EvaluateConfig, load_params
 from pipelines.io import StageError, read_json, sha256_tree
 from pipelines.promote import MANIFEST, gate, run
@@ -73,13 +74,20 @@ def test_gate_fails_closed_on_missing_evidence(mutate, message):
 # ------------------------------------------------------------------------------------ run()
 
 
+def _no_champion(params, candidate, which: str = "sft") -> dict:
+    """The `champion` section the evaluation writes when nothing was promoted before (pipelines.champion)."""
+    found, section = champion.locate(params, candidate, candidate=which, measured_by="evaluate")
+    assert found is None and section["reason"].startswith("no champion yet")
+    return champion.decide(section, params.evaluate)
+
+
 def _project(tmp_path, metrics: dict, **evaluate):
     params = load_params(write_project(tmp_path, {"evaluate": evaluate} if evaluate else None))
     adapter = params.path("adapter")
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text('{"r": 4}')
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    metrics = {**metrics, "adapter_sha256": sha256_tree(adapter)}
+    metrics = {**metrics, "adapter_sha256": sha256_tree(adapter), "champion": _no_champion(params, adapter)}
     params.path("metrics").write_text(json.dumps(metrics))
     # what evaluate-alignment writes when no preference tuning ran: the SFT adapter is the final one
     params.path("alignment_metrics").write_text(json.dumps({"applicable": False, "reason": "align.method is none"}))
@@ -155,6 +163,7 @@ def _aligned(tmp_path, gain_ci=(0.05, 0.3)):
                        "ci": {"delta": {"accuracy": {"low": gain_ci[0], "high": gain_ci[1]}}}},
         "task": {"n_test": 40, "sft": {"exact_match": 0.5}, "aligned": {"exact_match": 0.5}, "forgetting": 0.01,
                  "probe": {"sft_loss": 3.0, "aligned_loss": 3.01}},
+        "champion": _no_champion(params, aligned, "aligned"),
     }
     params.path("alignment_metrics").write_text(json.dumps(alignment))
     return params

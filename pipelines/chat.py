@@ -30,7 +30,9 @@ markers needed):
    rendering the conversation up to each of them with and without it; the tokens whose characters fall
    inside are the ones the loss is computed on, up to and including the end-of-turn token (so the model
    learns to stop), excluding the whitespace a template puts after it. A weight-0 assistant turn stays
-   in the context with label -100.
+   in the context with label -100. An opening assistant turn (a greeting before any user turn) is trained
+   like every other, as TRL's `assistant_only_loss` and Axolotl's `roles_to_train` do; the text a template
+   writes before it (a default system message such as SmolLM2's, the turn header) never is (see `_before`).
 
 A template that rewrites history (Qwen3 and DeepSeek-R1 drop the `<think>...</think>` reasoning of
 earlier turns) does not render a conversation as a sequence of stable prefixes: `NotPrefixStable` is
@@ -384,6 +386,22 @@ def _last_trained(messages: list[Message]) -> int:
     return last
 
 
+def _before(tokenizer: Any, messages: list[Message], i: int, tools: list | None) -> str:
+    """The rendered text before the content of turn i (an assistant turn): what the model is given to write it.
+
+    For a later turn, the conversation before it rendered with the assistant generation header. For the first
+    turn (an opening greeting) rendering no messages is not enough: a template may write text before the first
+    turn only (SmolLM2's default system message when there is none), so it is the text the template writes
+    before the content of that turn, found by rendering it with a probe in place of its content.
+    """
+    if i:
+        return _apply(tokenizer, messages[:i], tools, True)
+    probe = _apply(tokenizer, [{**messages[0], "content": _PROBE}], tools, False)
+    if _PROBE not in probe:
+        raise TemplateError("the chat template does not render the content of the opening assistant turn")
+    return probe[: probe.index(_PROBE)]
+
+
 def _spans(tokenizer: Any, messages: list[Message], tools: list | None,
            only_last: bool) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of the trained assistant turns."""
@@ -393,7 +411,7 @@ def _spans(tokenizer: Any, messages: list[Message], tools: list | None,
         indices = indices[-1:]
     spans: list[tuple[int, int]] = []
     for i in indices:
-        before = _apply(tokenizer, messages[:i], tools, True) if i else ""
+        before = _before(tokenizer, messages, i, tools)
         through = _apply(tokenizer, messages[: i + 1], tools, False)
         if not text.startswith(through) or not through.startswith(before):
             raise NotPrefixStable(
@@ -444,8 +462,8 @@ def _prompt(tokenizer: Any, messages: list[Message],
     """(prompt text, its control-text ranges, adaptations): the conversation before the last trained turn."""
     prep = prepare(tokenizer, messages, tools)
     last = _last_trained(prep.messages)
-    guarded = _protect(profile(tokenizer), prep.messages[:last])
-    real, plain, _ = guarded.restore(_apply(tokenizer, guarded.messages, prep.tools, True))
+    guarded = _protect(profile(tokenizer), prep.messages[: last + 1])
+    real, plain, _ = guarded.restore(_before(tokenizer, guarded.messages, last, prep.tools))
     return real, plain, prep.changes + ((CONTROL_TEXT,) if plain else ())
 
 

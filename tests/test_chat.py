@@ -275,3 +275,73 @@ def test_truncation_cuts_a_final_user_message_with_control_text_as_text(tiny_tok
     assert out["truncated"] and out["n_tokens"] <= full - 20 and question.endswith(out["messages"][1]["content"])
     tc = tokenize_conversation(tiny_tokenizer, out["messages"])
     assert tc.input_ids.count(tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+
+
+# ------------------------------------------------- a conversation that opens with an assistant greeting
+
+# SmolLM2's template: a conversation without a system message gets a default system turn (SmolLM2-135M-Instruct's
+# chat_template.jinja, here on the tiny tokenizer's markers).
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CHATML_DEFAULT_SYSTEM = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WELCOME = "Welcome to Fjordline Bikes, how can I help?"
+HELMETS = "Yes, helmets are free with every rental."
+GREETING_FIRST = [{"role": "assistant", "content": WELCOME}, {"role": "user", "content": "Do you rent helmets?"},
+                  {"role": "assistant", "content": HELMETS}]
+
+
+def _greeting_tokenizer(model_dir, default_system: bool):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if default_system:
+        tokenizer.chat_template = CHATML_DEFAULT_SYSTEM
+    return tokenizer
+
+
+@pytest.mark.parametrize("default_system", [False, True], ids=["chatml", "default-system"])
+@pytest.mark.parametrize("system, greeting_weight, trained_turns", [
+    (None, None, [WELCOME, HELMETS]),  # every assistant turn is trained, as TRL's assistant_only_loss does
+    ("Be brief.", None, [WELCOME, HELMETS]),
+    (None, 0, [HELMETS]),  # "weight": 0 keeps the greeting as context only
+])
+def test_an_opening_greeting_trains_its_own_text_never_the_templates(tiny_model_dir, default_system, system,
+                                                                      greeting_weight, trained_turns):
+    tokenizer = _greeting_tokenizer(tiny_model_dir, default_system)
+    messages = [dict(m) for m in GREETING_FIRST]
+    if greeting_weight is not None:
+        messages[0]["weight"] = greeting_weight
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    expected = [t + "<|im_end|>" for t in trained_turns]
+    tc = tokenize_conversation(tokenizer, messages)  # format
+    assert runs(tokenizer, tc.input_ids, tc.assistant_mask) == expected
+    assert (DEFAULT_SYSTEM in tc.text) == (default_system and not system)  # the template's text is rendered...
+    example, _ = encode_example(tokenizer, {"messages": messages}, max_length=512)  # ...and never trained (train)
+    assert runs(tokenizer, example["input_ids"], [label != -100 for label in example["labels"]]) == expected
+    result = fmt.format_rows([_row(0, messages)], tokenizer, FormatConfig())
+    assert result.rows[0]["n_completion_tokens"] == sum(len(encode_text(tokenizer, t)[0]) + 1 for t in trained_turns)
+    (loss,) = evaluate.tokenize_for_loss(tokenizer, [(messages, None)])  # evaluate: the last trained turn only
+    assert runs(tokenizer, loss.input_ids, loss.assistant_mask) == [HELMETS + "<|im_end|>"]
+    # Scored alone, the greeting is what follows the template's opening, exactly as it is rendered in training.
+    opening = [{"role": m["role"], "content": m["content"]} for m in messages[: len(messages) - 2]]
+    alone = tokenize_conversation(tokenizer, opening, only_last=True)
+    assert runs(tokenizer, alone.input_ids, alone.assistant_mask) == [WELCOME + "<|im_end|>"]
+    prompt = tokenize_prompt(tokenizer, opening)
+    assert alone.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert prompt.text.endswith("<|im_start|>assistant\n") and (DEFAULT_SYSTEM in prompt.text) == (
+        default_system and not system)
+
+
+def test_an_opening_greeting_with_smollm2_trains_only_the_answers(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tc = tokenize_conversation(tokenizer, GREETING_FIRST)
+    assert tc.text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>assistant\n{WELCOME}")
+    # before: '<|im_start|>system\nYou are a helpful AI ...<|im_end|>\n<|im_start|>assistant\nWelcome ...' trained
+    assert runs(tokenizer, tc.input_ids, tc.assistant_mask) == [WELCOME + "<|im_end|>", HELMETS + "<|im_end|>"]
+    example, _ = encode_example(tokenizer, {"messages": GREETING_FIRST}, max_length=512)
+    assert tokenizer.decode([t for t in example["labels"] if t != -100]) == f"{WELCOME}<|im_end|>{HELMETS}<|im_end|>"

@@ -10,7 +10,8 @@ shows up to SAMPLES before/after excerpts of the rows each text rule changed:
                      x² into x2 and H₂O into H2O)
     control_chars    control and invisible format characters removed (\\n and \\t kept; \\r\\n -> \\n)
     html             known HTML tags stripped, entities unescaped (clean.strip_html), except in rows whose
-                     markup is their content (markup_is_content: a row about HTML, JSX, tags, snippets, ...)
+                     markup is their content (markup_is_content: a row about HTML, JSX, tags, snippets, ...);
+                     special-token texts such as <s>, </s>, <|eot_id|>, <start_of_turn> are text, never HTML
     whitespace       runs of spaces collapsed, lines and text trimmed, at most one blank line
     too_short        a message with fewer than clean.min_chars letters, digits or symbols (default 1: an empty
                      or punctuation-only message; one-character answers such as "4" or "嗨" are kept)
@@ -103,15 +104,21 @@ _SENTINEL = re.compile("\x00(\\d+)\x00")  # control characters are gone by then,
 
 # Tags are stripped only when they are real HTML elements: "a<b and c>d", "vector<int>" and "List<T>"
 # stay. (html.parser would parse "<b and c>" as a <b> tag, and has no notion of "not HTML".)
+# The special-token texts of model families are plain text about models, never HTML (issue 12 kind 5), and reach
+# the model as ordinary tokens: Llama/Mistral's "<s>" and "</s>" (BOS/EOS) have the form of the HTML strikethrough
+# element, so "s" is no tag here, nor are the tag-shaped texts "<unk>", "<pad>", "<bos>", "<eos>", "<mask>",
+# "<sep>", "<cls>", "<think>" (should a name be added to the lists below). The others ("<|eot_id|>",
+# "<start_of_turn>", "<tool_call>", "[INST]", "<<SYS>>") do not have the syntax of a tag at all.
+_SPECIAL_TOKEN_NAMES = frozenset("s unk pad bos eos mask sep cls think".split())
 _BLOCK_TAGS = frozenset(
     "address article aside blockquote br dd div dl dt figcaption figure footer form h1 h2 h3 h4 h5 h6 "
     "header hr li main nav ol p pre section table tbody td tfoot th thead tr ul".split()
-)
+) - _SPECIAL_TOKEN_NAMES
 _INLINE_TAGS = frozenset(
     "a abbr b bdi bdo big body button caption center cite code col colgroup data del details dfn em font "
     "head html i iframe img input ins kbd label link mark meta noscript option q s samp select small span "
     "strike strong sub summary sup svg textarea time title tt u var wbr".split()
-)
+) - _SPECIAL_TOKEN_NAMES
 _BOOLEAN_ATTRS = frozenset(
     "allowfullscreen async autofocus autoplay checked controls default defer disabled hidden ismap loop "
     "multiple muted nomodule novalidate open readonly required reversed selected".split()
@@ -202,7 +209,9 @@ def _strip_markup(text: str) -> str:
 
 
 def strip_html(text: str) -> str:
-    """Remove HTML tags (block tags become a line break) and unescape entities, outside Markdown code."""
+    """Remove HTML tags (block tags become a line break) and unescape entities, outside Markdown code.
+
+    Special-token texts ("<s>", "</s>", "<|eot_id|>", "<start_of_turn>", ...) are kept: they are not HTML."""
     return _outside_code(text, _strip_markup) if "<" in text or "&" in text else text
 
 

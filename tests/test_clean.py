@@ -90,6 +90,45 @@ def test_strip_html(text, expected):
     assert strip_html(text) == expected
 
 
+# Special-token texts of model families (Llama/Mistral, ChatML, Llama 3, Gemma, BERT-style, reasoning and tool
+# tags) are plain text about models, never HTML (issue 12 kind 5): the html rule leaves them as they are.
+SPECIAL_TOKEN_TEXT = [
+    "It is <|eot_id|>, and Llama 2 uses </s>.",
+    "Each turn is wrapped as <s>[INST] question [/INST] answer </s>.",
+    "<s>",
+    "</s>",
+    "<S>text</S>",
+    "Gemma writes <start_of_turn>model\nHi<end_of_turn> and starts with <bos>.",
+    "<unk> <pad> <bos> <eos> <mask> <sep> <cls> </eos>",
+    "<|im_start|>assistant\nHi<|im_end|><|endoftext|><|begin_of_text|>",
+    "<think>step one</think>The answer is 4.",
+    '<tool_call>{"name": "track"}</tool_call>',
+    "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]",
+]
+
+
+@pytest.mark.parametrize("text", SPECIAL_TOKEN_TEXT)
+def test_special_token_text_is_not_html(text):
+    assert strip_html(text) == text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('<div class="nav">Home | Shop</div>Llama 2 ends a turn with </s>.',
+     "\nHome | Shop\nLlama 2 ends a turn with </s>."),
+    ("<p>Wrap it as <s>[INST] hi [/INST]</s></p>", "\nWrap it as <s>[INST] hi [/INST]</s>\n"),
+    ("<b>Note:</b> <|eot_id|> ends a Llama 3 turn.", "Note: <|eot_id|> ends a Llama 3 turn."),
+])
+def test_scraped_markup_around_special_token_text_is_still_stripped(text, expected):
+    assert strip_html(text) == expected
+
+
+@pytest.mark.parametrize("answer", SPECIAL_TOKEN_TEXT[:2])
+def test_the_clean_stage_keeps_special_token_text_in_answers(answer):
+    result = clean([one("Which token ends a turn?", answer)], cfg())
+    [kept] = result.kept
+    assert kept["messages"][1]["content"] == answer and result.counts["html"]["touched"] == 0
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -5,7 +5,8 @@
 Reads `.jsonl`/`.ndjson` (streamed line by line), `.json` (an array, a single object, or JSONL saved
 as .json), `.csv` (streamed; a header row, one record per row) and `.parquet` (streamed in batches),
 recursively and in sorted order. A file is read by its content when that does not match its name: JSON
-Lines in a .json file, and a JSON array (pretty-printed or on one line) in a .jsonl file, are read as what
+Lines in a .json file, a JSON array (pretty-printed or on one line) in a .jsonl file, and JSON objects written
+over several lines each (one `json.dump(row, f, indent=2)`, or jq's default output) in either, are read as what
 they are, with a note in the report. Row formats (detected per row unless `data.format` says otherwise):
 
     messages           {"messages": [{"role", "content"}], "tools"?}          (OpenAI / TRL conversational)
@@ -611,6 +612,58 @@ def _holds_json_array(fh: IO[bytes], limit: int) -> bool:
     return found
 
 
+def _opens_object_over_lines(fh: IO[bytes], limit: int) -> bool:
+    """True when a JSON Lines file's first line opens an object that the line does not close (json.dump(row,
+    indent=2), or jq's default output): then the file may be JSON objects written over several lines each."""
+    for _, raw, too_long in _physical_lines(fh, limit):
+        line = raw.removeprefix(_BOM).strip()
+        if too_long:
+            return False
+        if not line:
+            continue
+        if not line.startswith(b"{"):
+            return False
+        try:
+            text = line.decode("utf-8")
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return exc.pos >= len(text)  # the line ends inside the object: it goes on below
+        except (ValueError, RecursionError):
+            return False
+        return False  # a whole object on the first line: JSON Lines
+    return False
+
+
+def _object_stream(text: str) -> list[Record] | None:
+    """The JSON objects of `text` one after another (whitespace between them), each numbered by the physical
+    line it starts on; None unless every value is an object and one of them is written over several lines
+    (the ways a pretty-printed object or jq's default output are saved under a JSON Lines or JSON name)."""
+    decoder = json.JSONDecoder()
+    records: list[Record] = []
+    idx, line, counted, multiline = _WS.match(text).end(), 1, 0, False
+    while idx < len(text):
+        if text[idx] != "{":
+            return None
+        line += text.count("\n", counted, idx)
+        counted = idx
+        try:
+            obj, end = decoder.raw_decode(text, idx)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        multiline = multiline or "\n" in text[idx:end]
+        records.append(Record(line, obj, text[idx:min(end, idx + EXCERPT_CHARS)]))
+        idx = _WS.match(text, end).end()
+    return records if records and multiline else None
+
+
+def _stream_note(n: int) -> str:
+    if n == 1:
+        return ("holds one JSON object written over several lines, not JSON Lines; it was read as JSON (rename it "
+                "to .json)")
+    return (f"holds {n} JSON objects written over several lines each, not one per line; they were read one after "
+            "another (write one object per line, e.g. with jq -c)")
+
+
 def _read_jsonl(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
     with open(path, "rb") as fh:
         if rejected := _unreadable(fh, notes):
@@ -620,6 +673,14 @@ def _read_jsonl(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
             notes.append("holds a JSON array, not JSON Lines; it was read as JSON (rename it to .json)")
             yield from _read_json(path, limit, notes)
             return
+        fh.seek(0)
+        if _opens_object_over_lines(fh, limit):
+            fh.seek(0)
+            records = _object_stream(fh.read().removeprefix(_BOM).decode("utf-8", "surrogateescape"))
+            if records is not None:
+                notes.append(_stream_note(len(records)))
+                yield from records
+                return
         fh.seek(0)
         for number, raw, too_long in _physical_lines(fh, limit):
             if too_long:
@@ -671,6 +732,11 @@ def _read_json_object(path: Path, text: str, start: int, limit: int, notes: list
         obj, end, error = None, -1, exc
     if error is None and _WS.match(text, end).end() == len(text):
         yield Record(1, obj, text[start:start + EXCERPT_CHARS])
+        return
+    # Objects written over several lines each, one after another (jq's default output).
+    if error is None and (records := _object_stream(text)) is not None:
+        notes.append(_stream_note(len(records)))
+        yield from records
         return
     # JSON Lines saved with a .json name: several objects, each starting a line at column 0.
     if error is None or sum(1 for ln in text.splitlines() if ln.startswith("{")) > 1:

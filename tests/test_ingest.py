@@ -694,6 +694,48 @@ def test_a_json_array_saved_as_jsonl_is_read_as_json_with_a_note(tmp_path, conte
                                           "JSON (rename it to .json)"]
 
 
+ONE_OBJECT_NOTE = ("data/raw/saved.jsonl: holds one JSON object written over several lines, not JSON Lines; it was "
+                   "read as JSON (rename it to .json)")
+
+
+@pytest.mark.parametrize("content, line", [
+    pytest.param(json.dumps(ALPACA[0], indent=2), 1, id="indent-2"),  # json.dump(row, f, indent=2)
+    pytest.param(json.dumps(ALPACA[0], indent=4) + "\n", 1, id="indent-4-newline"),
+    pytest.param("\ufeff\n\n" + json.dumps(ALPACA[0], indent=2) + "\n\n", 3, id="bom-and-blank-lines"),
+    pytest.param(json.dumps(ALPACA[0], indent=2).replace("\n", "\r\n") + "\r\n", 1, id="crlf"),
+    pytest.param("  " + json.dumps(ALPACA[0], indent="\t") + "  \n", 1, id="tabs-and-spaces"),
+    pytest.param('{\n"instruction": "Name a primary colour.", "input": "", "output": "Red."}', 1, id="brace-alone"),
+])
+def test_one_pretty_printed_object_saved_as_jsonl_is_read_as_json_with_a_note(tmp_path, content, line):
+    params = load_params(project(tmp_path, {"saved.jsonl": content}))
+    result = ingest.run(params)
+    assert result.metrics["rows_in"] == result.metrics["rows_out"] == 1 and result.metrics["quarantined"] == 0
+    assert result.metrics["messages"] == [ONE_OBJECT_NOTE]  # before: 5 malformed_json rows and no note
+    [row] = read_jsonl(params.path("raw_examples") / "examples.jsonl")
+    assert row["messages"][-1]["content"] == "Red." and row["line"] == line  # the line the object starts on
+
+
+def test_pretty_printed_objects_one_after_another_are_read_with_their_lines(tmp_path):
+    """`jq '.[]' rows.json > rows.jsonl` (no -c) writes each object over several lines."""
+    content = "".join(json.dumps(r, indent=2) + "\n" for r in ALPACA)
+    for name in ("saved.jsonl", "saved.json"):
+        params = load_params(project(tmp_path / name, {name: content}))
+        result = ingest.run(params)
+        assert result.metrics["rows_out"] == 2 and result.metrics["quarantined"] == 0
+        assert result.metrics["messages"] == [
+            f"data/raw/{name}: holds 2 JSON objects written over several lines each, not one per line; they were read "
+            "one after another (write one object per line, e.g. with jq -c)"]
+        rows = read_jsonl(params.path("raw_examples") / "examples.jsonl")
+        assert [(r["line"], r["messages"][-1]["content"]) for r in rows] == [(1, "Red."), (6, "Hot.")]
+
+
+def test_jsonl_whose_first_line_is_cut_stays_jsonl(tmp_path):
+    files = {"a.jsonl": '{"messages": [\n' + jline(GOOD) + jline(GOOD | {"category": "b"})}
+    result = ingest.run(load_params(project(tmp_path, files, max_bad_fraction=0.6)))
+    assert result.metrics["rows_out"] == 2 and result.metrics["rules"] == {"malformed_json": 1}
+    assert result.metrics["messages"] == []
+
+
 def test_a_broken_json_array_saved_as_jsonl_keeps_the_records_before_the_break(tmp_path):
     content = json.dumps(ALPACA, indent=2)[:-40]  # truncated inside the second record
     result = ingest.run(load_params(project(tmp_path, {"saved.jsonl": content}, max_bad_fraction=0.6)))

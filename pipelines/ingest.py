@@ -836,12 +836,19 @@ def _delimiter(fh: IO[bytes]) -> str:
     return found if len(next(csv.reader([header], delimiter=found))) > 1 else ","
 
 
+def _header_cells(row: list[str]) -> list[str]:
+    """A CSV record's non-empty cells, stripped and casefolded, in sorted order: a line that gives the same as
+    the header line repeats it (" Instruction , Input , Output " repeats "instruction,input,output")."""
+    return sorted(c for c in (cell.strip().casefold() for cell in row) if c)
+
+
 def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
     """Streamed with the csv module; a record spanning lines gets the number of its first line.
 
     The delimiter is sniffed (`_delimiter`): a ';'-, tab- or '|'-delimited export is read with it, and the
     report says so. A record equal to the header (concatenated exports: `cat a.csv b.csv`, each with its
-    header and maybe a BOM) is never a row: it is quarantined as `repeated_header`, which is not counted as
+    header and maybe a BOM; compared by `_header_cells`, so order, case, spaces and empty cells do not
+    matter) is never a row: it is quarantined as `repeated_header`, which is not counted as
     malformed. A BOM is dropped at the start of every line, not only the first.
     """
     overlong: list[int] = []
@@ -868,6 +875,7 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                              f"{delimiter!r} as the delimiter")
             reader = csv.reader(lines(fh), delimiter=delimiter)
             header: list[str] | None = None
+            header_cells: list[str] = []
             end = 0
             while True:
                 begin = end + 1
@@ -888,7 +896,8 @@ def _read_csv(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
                     continue
                 elif header is None:
                     header = [cell.strip() for cell in row]
-                elif sorted(cell.strip() for cell in row) == sorted(header):
+                    header_cells = _header_cells(header)
+                elif _header_cells(row) == header_cells:
                     repeated.append(begin)
                     yield Record(begin, text=delimiter.join(row)[:EXCERPT_CHARS], problem=Rejection(
                         "line repeats the header (files concatenated with their headers?); it is not a row",

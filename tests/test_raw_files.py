@@ -194,11 +194,16 @@ BOM = b"\xef\xbb\xbf"
     (b"instruction,input,output\nq1,,a1\ninstruction,input,output\nq2,,a2\ninstruction,input,output\nq3,,a3\n",
      [3, 5]),
     (b"instruction,input,output\nq1,,a1\n output , instruction,input\nq2,,a2\n", [3]),  # reordered, spaced
+    (b"instruction,input,output\nq1,,a1\n Instruction , Input , Output \nq2,,a2\n", [3]),  # case and spaces
+    (b"instruction,input,output\nq1,,a1\nInstruction,Input,Output\nq2,,a2\nINSTRUCTION,INPUT,OUTPUT\nq3,,a3\n",
+     [3, 5]),
+    (BOM + b"instruction\toutput\nq1\ta1\n" + BOM + b"\tInstruction\t\t Output\t\nq2\ta2\n", [3]),  # empty cells
+    (b"instruction\toutput\nq1\ta1\n" + BOM + b" INSTRUCTION \t Output\nq2\ta2\n", [3]),  # tab-delimited
 ])
 def test_a_repeated_header_is_quarantined_not_trained(tmp_path, content, repeated_at):
     metrics, rows, quarantine = _ingest(_project(tmp_path, {"all.csv": content}))
     csv_rows = [r for r in rows if r["source"] == "data/raw/all.csv"]
-    assert all("instruction" not in m["content"] for r in csv_rows for m in r["messages"])
+    assert all("instruction" not in m["content"].casefold() for r in csv_rows for m in r["messages"])
     assert len(csv_rows) == len(repeated_at) + 1
     assert [(q["line"], q["rule"]) for q in quarantine] == [(n, "repeated_header") for n in repeated_at]
     assert metrics["rules"] == {"repeated_header": len(repeated_at)}

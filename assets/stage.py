@@ -108,6 +108,8 @@ def stage_asset(context: dg.AssetExecutionContext, stage: Stage, call: Callable[
         if kept is not None:
             return kept
     result = run_stage(call, params)
+    for message in result.metrics.get("messages") or []:  # notes on the stage's input files (ingest): in the run log
+        context.log.warning(f"{stage.asset}: {message}")
     records.write(stage, params, result, card, door="dagster")
     if (problem := dvc_commit(stage, params)) is not None:
         context.log.warning(f"{stage.asset}: dvc.lock not updated ({problem}); `dvc repro` will run the stage again")

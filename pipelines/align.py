@@ -25,7 +25,8 @@ answer is cut at format.max_length are counted as truncated.
 Checkpoints go to <paths.align_checkpoints>/<run hash> (the preference splits, the SFT adapter weights, the base
 model, the align training params and this code); a rerun resumes from the last complete one, as the train stage
 does (pipelines.train.resume_point), and the data order of every epoch is seeded (accelerate's seedable sampler with
-data_seed = align.seed), so a resumed run trains on the same batches. Early stopping watches the validation loss.
+data_seed = align.seed), so a resumed run trains on the same batches; a rerun of a finished run copies its recorded
+output back and trains no step (pipelines.checkpoints). Early stopping watches the validation loss.
 
 Outputs (paths.aligned_adapter): the aligned adapter (peft, "default" only) + tokenizer, README.md (run card),
 train_log.json (TRL's log: loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps,
@@ -53,7 +54,14 @@ import yaml
 from pipelines import chat
 from pipelines.base_model import model_hash, source_info
 from pipelines.checkpoints import callbacks as trainer_callbacks
-from pipelines.checkpoints import drop_incomplete, resume_point
+from pipelines.checkpoints import (
+    completed_run,
+    drop_incomplete,
+    record_completed,
+    restore_completed,
+    resume_point,
+    unless_finished,
+)
 from pipelines.config import ALIGN_TRAINING_KEYS, AlignConfig, Params, align_loss
 from pipelines.cpu_speedups import score_only_label_positions
 from pipelines.io import (
@@ -400,7 +408,14 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
 
     fingerprint = run_fingerprint(params)
     run_dir = params.path("align_checkpoints") / fingerprint["run_hash"]
+    out = params.path("aligned_adapter")
+    if (record := completed_run(run_dir, fingerprint)) is not None:  # this very run finished: no step past its end
+        restore_completed(run_dir, out, "aligned_adapter")
+        return StageResult("align", {"aligned_adapter": out, "checkpoints": run_dir},
+                           {**record["metrics"], "finished_run_restored": True,
+                            "reward_curve": reward_curve(read_json(out / "train_log.json"))})
     resume = resume_point(run_dir, fingerprint, remove_corrupt=True)  # a corrupt checkpoint: named, passed over
+    resume = unless_finished(resume, run_dir, remove=True)  # where the run ended, without a record: start over
     drop_incomplete(run_dir)
     model, ref_model, reference = load_policy(params, env)
     trainer = build_trainer(model, ref_model, tokenizer, to_dataset(train_ex), to_dataset(val_ex) if val_ex else None,
@@ -464,7 +479,6 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
         "run_hash": fingerprint["run_hash"], "params": training_params(cfg), "env": asdict(env),
         "versions": library_versions(), "metrics": metrics,
     }
-    out = params.path("aligned_adapter")
     with atomic_dir(out, "aligned_adapter") as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
@@ -474,6 +488,7 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
         write_json(tmp / "train_log.json", history)
         write_json(tmp / "train_metrics.json", metrics)
     shutil.rmtree(staging, ignore_errors=True)
+    record_completed(run_dir, out, fingerprint, metrics)  # a rerun restores it instead of training past the end
     return StageResult("align", {"aligned_adapter": out, "checkpoints": run_dir},
                        {**metrics, "reward_curve": reward_curve(history)})
 

@@ -14,6 +14,15 @@ newest complete checkpoint of its run:
   training starts over. Each such sentence is logged and returned, and the stage reports them
   (train_metrics.json `corrupt_checkpoints`).
 
+A finished run is never resumed. transformers' Trainer checks `global_step >= max_steps` (and early stopping's
+`should_training_stop`) only after an optimizer step (trainer.py `_run_epoch`, trainer_callback.py
+DefaultFlowCallback.on_step_end, transformers 5.23), so resuming from the checkpoint a run ended at trains one step
+past the end, saves it and moves the resume point on by one at every rerun. Instead the stage keeps a copy of
+the folder it wrote, `<run dir>/completed` with `completed.json` (`record_completed`), and a rerun of the same
+run copies it back byte for byte without training (`completed_run`, `restore_completed`). Without that record (a
+kill between the last save and the record) a checkpoint where its run ended (`finished`) is not resumed from:
+the run's checkpoints are deleted and training starts over, to the same result (`unless_finished`).
+
 Training holds a lock on the checkpoint folder (`training_lock`, fcntl.flock on <paths.checkpoints>/train.lock)
 for as long as it may write there; the kernel releases it when the holder dies, however it dies. A process
 that starts a run takes it exclusively, so a second concurrent trainer of the project gets one sentence
@@ -44,12 +53,14 @@ from typing import IO, Any
 from pipelines import methods
 from pipelines.base_model import model_hash
 from pipelines.config import Params
-from pipelines.io import StageError, read_json, sha256_file, write_json
+from pipelines.io import MARKER, StageError, atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from pipelines.stages import BY_NAME, PACKAGE_ROOT
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
+COMPLETED = "completed"  # <run dir>/completed: a copy of the folder the finished run wrote
+COMPLETED_RECORD = "completed.json"  # written last: the run hash, the copy's content hash and the stage's figures
 LOCK_FILE = "train.lock"
 # Files the trainer writes but never reads back on resume (training_args.bin is a pickle: it is never loaded).
 _NOT_LOADED = {"training_args.bin"}
@@ -174,6 +185,72 @@ def resume_point(run_dir: Path, fingerprint: dict[str, Any], *, remove_corrupt: 
         log.warning("%s", f"resuming from '{found.checkpoint}'" if found.checkpoint else
                     "no loadable checkpoint of this run is left: training starts over from step 0")
     return found
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether the run ended at `checkpoint`: its trainer_state.json has global_step >= max_steps, or the
+    trainer's control state saved with it says training stops (early stopping, or the last step)."""
+    try:
+        state = read_json(checkpoint / "trainer_state.json")
+    except (OSError, ValueError):
+        return False
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    controls = control if isinstance(control, list) else [control]
+    stop = any((c.get("args") or {}).get("should_training_stop") for c in controls if isinstance(c, dict))
+    max_steps = state.get("max_steps") or 0
+    return bool(stop) or (max_steps > 0 and state.get("global_step", 0) >= max_steps)
+
+
+def unless_finished(resume: ResumePoint, run_dir: Path, *, remove: bool) -> ResumePoint:
+    """`resume`, or no resume point when its checkpoint is where the run ended (`finished`): resuming from it
+    would train past the end (module docstring). The run's checkpoints are then deleted (when `remove`, which only
+    the main process passes) so the run starts over from step 0 into an empty folder."""
+    if resume.checkpoint is None or not finished(resume.checkpoint):
+        return resume
+    log.warning("checkpoint '%s' is where its run ended, and the run's finished output was not recorded: training "
+                "again from step 0 (resuming would train past the end)", resume.checkpoint)
+    if remove:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return ResumePoint(None, resume.corrupt)
+
+
+def record_completed(run_dir: Path, out: Path, fingerprint: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Keep a copy of the finished run's output folder `out` in <run dir>/completed, and completed.json (the run
+    hash, the copy's sha256_tree, `metrics`) last, so a rerun of the same run restores it without training."""
+    record, folder = run_dir / COMPLETED_RECORD, run_dir / COMPLETED
+    record.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns(MARKER))  # atomic_dir writes the marker itself
+    write_json(record, {"run_hash": fingerprint["run_hash"], "parts": fingerprint["parts"],
+                        "sha256": sha256_tree(folder), "metrics": metrics})
+
+
+def completed_run(run_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """completed.json of this run (`record_completed`), or None: none there, or one whose copy no longer matches
+    its hash (then it is deleted, with a warning, and the run resumes or starts over as without it)."""
+    record_path, folder = run_dir / COMPLETED_RECORD, run_dir / COMPLETED
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("run_hash") != fingerprint["run_hash"]:
+        return None
+    if not folder.is_dir() or sha256_tree(folder) != record.get("sha256"):
+        log.warning("the finished run's copy '%s' does not match its record %s, so it was deleted", folder,
+                    record_path)
+        record_path.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return record
+
+
+def restore_completed(run_dir: Path, out: Path, owner: str) -> None:
+    """Write the recorded finished output (<run dir>/completed) to `out` (paths.<owner>), atomically."""
+    with atomic_dir(out, owner) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        shutil.copytree(run_dir / COMPLETED, tmp, dirs_exist_ok=True)
+    log.info("'%s' is the output of this finished run (%s), copied from '%s' without training again", out,
+             run_dir.name, run_dir / COMPLETED)
 
 
 def drop_incomplete(run_dir: Path) -> list[str]:

@@ -37,6 +37,7 @@ Writes: paths.evaluation/ report.html (self-contained), report.md (+ the PNGs it
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import json
 import logging
@@ -90,6 +91,8 @@ from pipelines.schemas import (
     conversation_problem,
     describe_failures,
     field_label,
+    field_names,
+    field_value,
     package_rows,
     trained,
     validate,
@@ -155,6 +158,19 @@ def _read_test_rows(path: Path, max_examples: int | None) -> list[dict[str, Any]
     except SchemaErrors as exc:
         raise StageError(describe_failures(exc, f"test split '{path}'", "re-run the 'split' stage")) from None
     return rows
+
+
+def check_breakdown_fields(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """StageError (one sentence) for an evaluate.breakdown_by field that none of the test rows has: a typo would
+    otherwise put every row under '(missing)'. Checked before any model is loaded, as split checks
+    split.stratify_by."""
+    for name in names:
+        if all(field_value(row, name) is None for row in rows):
+            close = difflib.get_close_matches(name, field_names(rows), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise StageError(f"evaluate.breakdown_by lists '{name}', which is not a field of any row in '{path}'"
+                             f"{hint}; use a dotted field of the rows such as 'source' or 'meta.category', or remove "
+                             "it from params.yaml")
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -679,6 +695,7 @@ def run(params: Params, env: TrainEnv | None = None) -> StageResult:
     adapter_dir = require(params.path("adapter"), "train")
     test_path = require(params.path("splits") / "test.jsonl", "split")
     rows = _read_test_rows(test_path, cfg.max_examples)
+    check_breakdown_fields(rows, cfg.breakdown_by, test_path)
     adapter_sha = sha256_tree(adapter_dir)  # promote checks metrics.json belongs to the adapter it copies
     started = time.perf_counter()
     full = _is_full_model(params, adapter_dir)

@@ -60,7 +60,10 @@ when clean.redact_pii is on, as the data will be), and a file that cannot be rea
 sentence in the report; each change made to a kept row is counted in the report's `changes` (CHANGES).
 Files are found by `raw_files`: symlinks that leave the project are reported and not read unless
 data.follow_links; dangling links, pipes and hidden files are reported; a file name that is not UTF-8 is
-read and recorded with its bytes escaped. A CSV's delimiter is sniffed (`_read_csv`).
+read and recorded with its bytes escaped. A CSV's delimiter is sniffed (`_read_csv`). Every file not read
+at all (a link, a pipe, a hidden file, an unknown extension) counts in `files_skipped`, with its reason in
+`skipped_files`; every note on a file (`messages`) is also logged as a warning, so the command line and the
+Dagster run show it, not only report.json.
 
 Replay (data.replay, pipelines.split mixes it into the train split). With data.replay.fraction > 0 the
 replay file is read after the raw files, by the same readers and rules, except that data.format and
@@ -78,6 +81,7 @@ import csv
 import hashlib
 import importlib.resources
 import json
+import logging
 import math
 import os
 import re
@@ -94,6 +98,7 @@ from pipelines.pii import redact
 from pipelines.schemas import ConversationSchema, conversation_problem, trained, validate
 
 STAGE = "ingest"
+log = logging.getLogger(__name__)
 EXCERPT_CHARS = 200
 CHUNK_ROWS = 2000  # rows validated with pandera and written per batch (bounds memory on big inputs)
 
@@ -969,11 +974,12 @@ class FileReport:
     rules: Counter = field(default_factory=Counter)
     changes: Counter = field(default_factory=Counter)  # kept rows changed, per kind (CHANGES)
     messages: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the file was not read at all (a link out of the project, an extension, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "kept": self.kept,
                 "quarantined": self.quarantined, "formats": dict(self.formats), "rules": dict(self.rules),
-                "changes": dict(self.changes), "messages": self.messages}
+                "changes": dict(self.changes), "messages": self.messages, "skipped": self.skipped}
 
 
 class _Sink:
@@ -1058,6 +1064,7 @@ def _ingest_file(path: Path, source: str, params: Params, sink: _Sink, replay: b
     report = FileReport(source)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
+        report.skipped = f"unknown extension '{path.suffix}'"
         report.messages.append(f"{source}: unknown extension '{path.suffix}', skipped; supported: "
                                f"{', '.join(READERS)}")
         return report
@@ -1198,7 +1205,6 @@ def run(params: Params) -> StageResult:
     examples_path, quarantine_path = out / "examples.jsonl", out / "quarantine.jsonl"
     reports: list[FileReport] = []
     replay_report: FileReport | None = None
-    skipped = 0
     with atomic_dir(out, "raw_examples") as tmp:
         with open(tmp / "examples.jsonl", "w", encoding="utf-8") as ex, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qu:
@@ -1213,8 +1219,7 @@ def run(params: Params) -> StageResult:
                 if problem is None and any(part.startswith(".") for part in path.relative_to(raw_dir).parts):
                     problem = "hidden file, skipped"
                 if problem is not None:
-                    skipped += 1
-                    reports.append(FileReport(source, messages=[f"{source}: {problem}"]))
+                    reports.append(FileReport(source, messages=[f"{source}: {problem}"], skipped=problem))
                     continue
                 report = _ingest_file(path, source, params, sink)
                 if "\\x" in source and _undecodable_name(path):
@@ -1225,11 +1230,13 @@ def run(params: Params) -> StageResult:
                 replay_report = _ingest_file(replay_path, replay_source, params, sink, replay=True)
             sink.flush()
         summary = {**_summary(reports + ([replay_report] if replay_report else []), params),
-                   "files_skipped": skipped, "replay": _replay_summary(replay_report, params)}
+                   "replay": _replay_summary(replay_report, params)}
         failure = _failure(summary, raw_rel, _relative(quarantine_path, params.root), params)
         if failure:
             (tmp / "examples.jsonl").unlink()  # downstream stages must not consume a failed ingest
         write_json(tmp / "report.json", {"status": "failed" if failure else "ok", "error": failure, **summary})
+    for message in summary["messages"]:  # file-level notes reach the terminal and the Dagster log, not only the report
+        log.warning("%s", message)
     if failure:
         raise StageError(failure)
     return StageResult(STAGE, {"examples": examples_path, "quarantine": quarantine_path,
@@ -1248,6 +1255,8 @@ def _summary(reports: list[FileReport], params: Params) -> dict[str, Any]:
         "bad_fraction": round(malformed / rows_in, 6) if rows_in else 0.0,
         "max_bad_fraction": params.data.max_bad_fraction,
         "files": len(reports),
+        "files_skipped": sum(r.skipped is not None for r in reports),  # not read at all: each with its reason
+        "skipped_files": [{"source": r.source, "reason": r.skipped} for r in reports if r.skipped is not None],
         "formats": dict(sum((r.formats for r in reports), Counter())),
         "rules": dict(rules),
         "changes": dict(sum((r.changes for r in reports), Counter())),

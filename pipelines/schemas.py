@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,18 @@ def field_value(row: dict[str, Any], dotted: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+def field_names(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The dotted names the rows' fields can be asked by, sorted: each top-level key, and 'key.sub' for each key of a
+    dict value ('source', 'meta', 'meta.category')."""
+    names: set[str] = set()
+    for row in rows:
+        for key, value in row.items():
+            names.add(key)
+            if isinstance(value, dict):
+                names.update(f"{key}.{sub}" for sub in value)
+    return sorted(names)
 
 
 def field_label(row: dict[str, Any], dotted: str) -> str:

@@ -22,8 +22,9 @@ efficiency (real tokens / computed token slots) is measured and reported.
 
 Checkpoints go to <paths.checkpoints>/<run hash>, the hash of the splits, the base model, the parent adapter, the
 train params and code; a rerun resumes from the last complete checkpoint there whose files load (a corrupt one is
-named, deleted and passed over), and refuses one whose stored hash differs. One training at a time holds the
-checkpoint folder's lock. See pipelines.checkpoints.
+named, deleted and passed over), and refuses one whose stored hash differs; a rerun of a finished run copies its
+recorded adapter back byte for byte and trains no step (never past train.max_steps). One training at a time holds
+the checkpoint folder's lock. See pipelines.checkpoints.
 """
 
 from __future__ import annotations
@@ -373,6 +374,8 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     is_main = int(os.environ.get("RANK", "0")) == 0
     # a corrupt checkpoint is named, deleted and passed over (pipelines.checkpoints)
     resume = checkpoints.resume_point(run_dir, fingerprint, remove_corrupt=is_main)
+    # where the run ended: resuming would train past max_steps (a finished run is restored in run(), not resumed)
+    resume = checkpoints.unless_finished(resume, run_dir, remove=is_main)
     if resume.checkpoint is not None and (refused := methods.resume_refused(cfg.method)):
         log.warning("not resuming from %s: %s", resume.checkpoint, refused)
         resume = checkpoints.ResumePoint(None, resume.corrupt)
@@ -469,11 +472,31 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
         plot_loss(curve, tmp / "loss_curve.png")
     shutil.rmtree(staging, ignore_errors=True)
     write_json(run_dir / FULL_METRICS, metrics)  # read back by a launching process (pipelines.launcher)
+    checkpoints.record_completed(run_dir, out, fingerprint, metrics)  # a rerun restores it instead of training
     return StageResult(
         "train",
         {"adapter": out, "loss_curve": out / "loss_curve.png", "checkpoints": run_dir},
         {**metrics, "loss_curve": curve},
     )
+
+
+def _finished_run(params: Params) -> StageResult | None:
+    """The recorded output of this very run (same splits, base model, params and code), written again to
+    paths.adapter byte for byte by the main process, or None when the run has not finished (pipelines.checkpoints)."""
+    require(params.path("splits") / "train.jsonl", "split")  # what the fingerprint hashes: named if missing
+    require(params.path("base_model"), "fetch-model")
+    fingerprint = checkpoints.run_fingerprint(params)
+    run_dir = params.path("checkpoints") / fingerprint["run_hash"]
+    record = checkpoints.completed_run(run_dir, fingerprint)
+    if record is None:
+        return None
+    out = params.path("adapter")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return StageResult("train", {}, {"rank": int(os.environ.get("RANK", "0"))})
+    checkpoints.restore_completed(run_dir, out, "adapter")
+    return StageResult("train", {"adapter": out, "loss_curve": out / "loss_curve.png", "checkpoints": run_dir},
+                       {**record["metrics"], "finished_run_restored": True,
+                        "loss_curve": loss_curve(read_json(out / "train_log.json"))})
 
 
 def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None) -> StageResult:
@@ -485,6 +508,8 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
     inside = launcher.inside_launcher()
     # One training per checkpoint folder (pipelines.checkpoints): the ranks of a launch hold the lock shared.
     with checkpoints.training_lock(params.path("checkpoints"), shared=inside) as lock:
+        if (done := _finished_run(params)) is not None:
+            return done
         if env.launcher == "accelerate" and env.num_processes > 1 and not inside:
             lock.share()  # the ranks take it too, and keep it should this launcher be killed
             launcher.launch_accelerate(params, env, on_log, stage="train")

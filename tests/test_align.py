@@ -241,6 +241,30 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir
     assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_resume_never_trains_a_finished_run_past_max_steps(tmp_path, tiny_model_dir, sft_dir, method):
+    """As the train stage (tests/test_train.py): a rerun of a finished run restores its output byte for byte (it
+    went on to step 3 before: transformers steps once before it checks max_steps); without the record it trains
+    from step 0 again, to the same weights."""
+    from pipelines import checkpoints
+    from pipelines.io import sha256_tree
+
+    params = load_params(make_project(tmp_path, tiny_model_dir, sft_dir, {"method": method, "max_steps": 2,
+                                                                          "eval_steps": 1}))
+    align.run(params, CPU)
+    out = params.path("aligned_adapter")
+    weights, tree = (out / "adapter_model.safetensors").read_bytes(), sha256_tree(out)
+    again = align.run(params, CPU)
+    assert (again.metrics["steps"], again.metrics["finished_run_restored"]) == (2, True)
+    assert sha256_tree(out) == tree
+    run_dir = params.path("align_checkpoints") / again.metrics["run_hash"]
+    (run_dir / checkpoints.COMPLETED_RECORD).unlink()  # killed between the last checkpoint and the record
+    fresh = align.run(params, CPU)
+    assert (fresh.metrics["steps"], fresh.metrics["resumed_from_step"]) == (2, None)
+    assert (out / "adapter_model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 # ----------------------------------------------------------------------------------- evaluation and gate
 
 

@@ -131,6 +131,37 @@ def test_with_every_checkpoint_corrupt_training_starts_over(tmp_path, caplog):
     assert not list(run_dir.glob("checkpoint-*"))
 
 
+@pytest.mark.parametrize(("state", "ended"), [
+    ({"global_step": 2, "max_steps": 2}, True),  # the last step
+    ({"global_step": 1, "max_steps": 2}, False),  # a kill mid-run: resume
+    ({"global_step": 2}, False),  # no max_steps recorded: not known to have ended
+    ({"global_step": 1, "max_steps": 4,  # early stopping stopped it here
+      "stateful_callbacks": {"TrainerControl": {"args": {"should_training_stop": True}, "attributes": {}}}}, True),
+    ({"global_step": 1, "max_steps": 4,
+      "stateful_callbacks": {"TrainerControl": {"args": {"should_training_stop": False}, "attributes": {}}}}, False),
+])
+def test_a_checkpoint_where_its_run_ended_is_not_resumed(tmp_path, caplog, state, ended):
+    folder = _checkpoint(tmp_path / "run", 2)
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    assert checkpoints.finished(folder) is ended
+    resume = checkpoints.unless_finished(resume_point(tmp_path / "run", RUN), tmp_path / "run", remove=True)
+    assert resume.checkpoint == (None if ended else folder)
+    assert folder.exists() is not ended  # the run starts over in an empty folder
+    assert ("is where its run ended" in caplog.text) is ended
+
+
+def test_a_finished_run_record_whose_copy_changed_is_dropped(tmp_path, caplog):
+    out, run_dir = tmp_path / "adapter", tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"weights")
+    checkpoints.record_completed(run_dir, out, RUN, {"steps": 2})
+    assert checkpoints.completed_run(run_dir, RUN)["metrics"] == {"steps": 2}
+    assert checkpoints.completed_run(run_dir, {"run_hash": "other", "parts": {}}) is None
+    (run_dir / checkpoints.COMPLETED / "adapter_model.safetensors").write_bytes(b"changed")
+    assert checkpoints.completed_run(run_dir, RUN) is None
+    assert "does not match its record" in caplog.text and not (run_dir / checkpoints.COMPLETED).exists()
+
+
 def test_a_checkpoint_of_another_run_is_still_refused(tmp_path):
     run_dir = tmp_path / "run"
     _checkpoint(run_dir, 1, {"run_hash": "other", "parts": {"train_split": "2"}})
@@ -139,10 +170,13 @@ def test_a_checkpoint_of_another_run_is_still_refused(tmp_path):
 
 
 def test_a_truncated_optimizer_in_the_last_checkpoint_resumes_from_the_one_before(tmp_path, tiny_model_dir):
-    """Handed case 08 in process: train 2 steps with a checkpoint per step, cut optimizer.pt, train again."""
+    """Handed case 08 in process: train 2 steps with a checkpoint per step, cut optimizer.pt, train again. The
+    finished run's record is removed too (a kill before it was written): with it the rerun restores that adapter
+    and resumes nothing (test_train.py test_a_rerun_of_a_finished_run_trains_no_step_past_max_steps)."""
     params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2, "save_steps": 1, "eval_steps": 1}))
     train.run(params, CPU)
     run_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
+    (run_dir / checkpoints.COMPLETED_RECORD).unlink()
     with open(run_dir / "checkpoint-2" / "optimizer.pt", "r+b") as fh:
         fh.truncate(1000)
 

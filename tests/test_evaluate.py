@@ -296,6 +296,34 @@ def test_run_names_the_bad_test_row(tmp_path, tiny_model_dir, adapter_dir, tiny_
         run(params)
 
 
+@pytest.mark.parametrize("breakdown_by, message", [
+    (["sorce"], "evaluate.breakdown_by lists 'sorce', which is not a field of any row in '{test}' (did you mean "
+     "'source'?); use a dotted field of the rows such as 'source' or 'meta.category', or remove it from params.yaml"),
+    (["source", "meta.categroy"], "evaluate.breakdown_by lists 'meta.categroy', which is not a field of any row in "
+     "'{test}' (did you mean 'meta.category'?); use"),
+    (["zzz"], "evaluate.breakdown_by lists 'zzz', which is not a field of any row in '{test}'; use a dotted field"),
+])
+def test_a_breakdown_field_no_test_row_has_is_named(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer,
+                                                    breakdown_by, message):
+    """A typo in evaluate.breakdown_by put every row under '(missing)' with exit 0; now one sentence, before any
+    model is loaded (as split.stratify_by at the split stage)."""
+    params = load_params(_project(tmp_path, tiny_model_dir, adapter_dir, tiny_tokenizer, breakdown_by=breakdown_by))
+    test = tmp_path / "data" / "splits" / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    rows[3]["meta"] = {"category": "billing"}  # one row has it: a field some rows lack is fine ('(missing)')
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(StageError) as err:
+        run(params)
+    assert str(err.value).startswith(message.format(test=test))
+
+
+def test_field_names_lists_top_level_and_nested_keys():
+    from pipelines.schemas import field_names
+
+    assert field_names([{"source": "a", "meta": {"category": "x"}}, {"id": 1, "meta": {}}]) == [
+        "id", "meta", "meta.category", "source"]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("n_completion_tokens", 10_000, "at line 3: fails the check 'n_completion_tokens must not exceed n_tokens'"),
     ("line", 0, "at line 3: column 'line' fails greater_than_or_equal_to(1)"),

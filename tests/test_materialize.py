@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -183,6 +184,15 @@ def test_leakage_check_fails_with_evidence_when_a_train_row_is_copied_into_test(
         assert not evaluation.passed and not result.success
         assert evaluation.metadata["exact_duplicates_across_splits"].value == 1
         assert "test:copied-row" in evaluation.metadata["examples"].value
+
+
+def test_the_ingest_notes_are_in_the_dagster_run_log(project: Path) -> None:
+    (project.parent / "data" / "raw" / "notes.tsv").write_text("a\tb\n")
+    with dg.instance_for_test() as instance:
+        result = materialize([raw_files, raw_examples], project, instance)
+        warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert any(w.startswith("raw_examples: data/raw/notes.tsv: unknown extension '.tsv', skipped; supported: ")
+               for w in warnings), warnings
 
 
 def test_bad_params_fail_with_one_sentence(tmp_path: Path) -> None:

@@ -232,7 +232,10 @@ def test_adalora_restarts_instead_of_resuming(tmp_path, tiny_model_dir, caplog):
     train.run(params, CPU)
     run_dir = params.path("checkpoints") / checkpoints.run_fingerprint(params)["run_hash"]
     assert (run_dir / "checkpoint-2" / "fingerprint.json").is_file()
-    shutil.rmtree(params.path("adapter"))
+    # a kill after checkpoint 2: no adapter, no finished run's record, no checkpoint 4
+    for path in (params.path("adapter"), run_dir / "checkpoint-4", run_dir / checkpoints.COMPLETED):
+        shutil.rmtree(path)
+    (run_dir / checkpoints.COMPLETED_RECORD).unlink()
     with caplog.at_level("WARNING", logger="pipelines.train"):
         result = train.run(params, CPU)
     assert result.metrics["resumed_from_step"] is None and result.metrics["steps"] == 4

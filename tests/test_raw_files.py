@@ -157,6 +157,34 @@ def test_the_cli_reads_a_latin1_name_without_a_traceback(tmp_path):
         assert "rows_out=2" in run.stdout
 
 
+@pytest.mark.parametrize(("name", "reason"), [
+    ("notes.tsv", "unknown extension '.tsv'"),  # the verifier's case: files_skipped stayed 0
+    ("old/.draft.jsonl", "hidden file, skipped"),
+    ("README", "unknown extension ''"),
+])
+def test_every_file_not_read_counts_as_skipped_with_its_reason(tmp_path, name, reason):
+    metrics, rows, _ = _ingest(_project(tmp_path, {name: GOOD}))
+    source = f"data/raw/{name}"
+    assert [r["source"] for r in rows] == ["data/raw/good.jsonl"]
+    assert metrics["files_skipped"] == 1 and metrics["skipped_files"] == [{"source": source, "reason": reason}]
+    assert sorted((f["source"], f["skipped"]) for f in metrics["per_file"]) == sorted([
+        ("data/raw/good.jsonl", None), (source, reason)])
+    report = read_json(load_params(_project(tmp_path)).path("raw_examples") / "report.json")
+    assert report["files_skipped"] == 1 and report["skipped_files"] == metrics["skipped_files"]
+
+
+def test_the_cli_prints_every_file_note_not_only_the_report(tmp_path):
+    """The notes went only to report.json; the command line printed the summary line alone."""
+    params_file = _project(tmp_path, {"rows.jsonl": "[" + GOOD.strip() + "]\n", "notes.tsv": "a\tb\n"})
+    run = subprocess.run([sys.executable, "-m", "pipelines", "ingest", "--params", str(params_file)], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "WARNING data/raw/rows.jsonl: holds a JSON array, not JSON Lines; it was read as JSON (rename it to " \
+           ".json)" in run.stderr
+    assert "WARNING data/raw/notes.tsv: unknown extension '.tsv', skipped; supported: " in run.stderr
+    assert "rows_out=2" in run.stdout and "files_skipped=1" in run.stdout
+
+
 # -------------------------------------------------------------------------------------------------------- CSV
 
 

@@ -484,6 +484,32 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_model_dir):
         train.run(changed, CPU)
 
 
+def test_a_rerun_of_a_finished_run_trains_no_step_past_max_steps(tmp_path, tiny_model_dir):
+    """The verifier's case: reruns of `train` with max_steps 2 went on to steps 3, 4, 5 (resuming from the last
+    checkpoint, transformers steps once before it checks max_steps) and changed the adapter each time. A rerun
+    restores the finished run's recorded adapter byte for byte; without the record (a kill after the last save)
+    it trains from step 0 again, to the same bytes, rather than resume past the end."""
+    from pipelines.io import sha256_tree
+
+    params = load_params(make_project(tmp_path, tiny_model_dir, {"max_steps": 2, "eval_steps": 1}))
+    first = train.run(params, CPU)
+    adapter = params.path("adapter")
+    weights, tree = (adapter / "adapter_model.safetensors").read_bytes(), sha256_tree(adapter)
+    run_dir = params.path("checkpoints") / first.metrics["run_hash"]
+    assert first.metrics["steps"] == 2 and sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+
+    again = train.run(params, CPU)
+    assert (again.metrics["steps"], again.metrics["finished_run_restored"]) == (2, True)
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights and sha256_tree(adapter) == tree
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]  # no checkpoint-3
+
+    (run_dir / checkpoints.COMPLETED_RECORD).unlink()  # killed between the last checkpoint and the record
+    fresh = train.run(params, CPU)
+    assert (fresh.metrics["steps"], fresh.metrics["resumed_from_step"]) == (2, None)
+    assert "finished_run_restored" not in fresh.metrics
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights and sha256_tree(adapter) == tree
+
+
 # ---------------------------------------------------------------------------------------------- environment
 def test_env_auto_on_a_cpu_machine_is_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -237,7 +237,10 @@ def build_trainer(model: Any, ref_model: Any, tokenizer: Any, train_ds: Any, eva
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, loss_type=[align_loss(cfg)])
+        # RPO when sft_weight > 0: TRL combines the listed losses with loss_weights (DPOConfig.loss_type docs)
+        losses = {"loss_type": [align_loss(cfg), "sft"], "loss_weights": [1.0, cfg.sft_weight]} \
+            if cfg.sft_weight > 0 else {"loss_type": [align_loss(cfg)]}
+        args = DPOConfig(**common, **losses)
         trainer_cls, extra = DPOTrainer, {"ref_model": ref_model}
     elif cfg.method == "kto":
         from trl import KTOConfig, KTOTrainer

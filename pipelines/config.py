@@ -880,6 +880,12 @@ class AlignConfig(_Section):
         "beta; ORPO's lambda and SimPO's beta). The implicit reward is beta * log(pi / pi_ref).",
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (gamma); simpo only.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="dpo only: weight of a negative log-likelihood term on the chosen answer added to the "
+        "DPO loss (RPO, Pang et al. 2024, 'Iterative Reasoning Preference Optimization'; TRL's loss_type "
+        "[<loss>, 'sft'] with loss_weights [1, sft_weight]). It keeps the chosen answers likely, so preference "
+        "tuning does not trade away what SFT learned; 0: plain DPO.",
+    )
     desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable rows (balance the two kinds).")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
     seed: int = Field(42, ge=0, description="Seed for data order (seeded per epoch, so a resume replays it).")
@@ -915,6 +921,9 @@ class AlignConfig(_Section):
         if self.loss_type is not None and self.loss_type not in allowed:
             raise ValueError(f"align.loss_type = {self.loss_type!r} is not a loss of align.method = "
                              f"{self.method!r}; use one of {', '.join(allowed)} (or leave it empty)")
+        if self.sft_weight > 0 and self.method not in ("dpo", "none"):
+            raise ValueError(f"align.sft_weight = {self.sft_weight:g} applies to align.method dpo only, not "
+                             f"{self.method!r}; set it to 0")
         return self
 
 
@@ -922,7 +931,7 @@ class AlignConfig(_Section):
 # The align keys that change what is trained: the align stage reads these (and its checkpoints are keyed on them);
 # the gate and max_eval_pairs only change the evaluation, so editing them does not retrain.
 ALIGN_TRAINING_KEYS = (
-    "method", "loss_type", "beta", "simpo_gamma", "desirable_weight", "undesirable_weight", "seed", "learning_rate",
+    "method", "loss_type", "beta", "simpo_gamma", "sft_weight", "desirable_weight", "undesirable_weight", "seed", "learning_rate",
     "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience", "logging_steps", "report_to",
 )

@@ -864,7 +864,7 @@ class AlignConfig(_Section):
     It continues the SFT adapter (paths.adapter); with DPO and KTO the reference model is the SFT model."""
 
     method: Literal["dpo", "kto", "orpo", "simpo", "none"] = Field(
-        "dpo",
+        "none",
         description="dpo: pairs (chosen vs rejected) against the SFT model as reference; kto: unpaired desirable / "
         "undesirable rows (pairs are split into one of each); orpo, simpo: reference-free pair losses "
         "(trl.experimental); none: no preference tuning, the SFT adapter is the final one.",
@@ -881,16 +881,17 @@ class AlignConfig(_Section):
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (gamma); simpo only.")
     sft_weight: float = Field(
-        0.0, ge=0, description="dpo only: weight of a negative log-likelihood term on the chosen answer added to the "
+        1.0, ge=0, description="dpo only: weight of a negative log-likelihood term on the chosen answer added to the "
         "DPO loss (RPO, Pang et al. 2024, 'Iterative Reasoning Preference Optimization'; TRL's loss_type "
         "[<loss>, 'sft'] with loss_weights [1, sft_weight]). It keeps the chosen answers likely, so preference "
-        "tuning does not trade away what SFT learned; 0: plain DPO.",
+        "tuning does not trade away what SFT learned (on the demo: exact match 0.870 -> 0.611 with plain DPO at "
+        "lr 1e-4, 0.870 -> 0.870 with 1.0 at lr 5e-5; README); 0: plain DPO.",
     )
     desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable rows (balance the two kinds).")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
     seed: int = Field(42, ge=0, description="Seed for data order (seeded per epoch, so a resume replays it).")
     learning_rate: float = Field(
-        1e-4, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
+        5e-5, gt=0, description="Peak LR. Preference losses need far less than SFT (TRL's default is 1e-6 for full "
         "fine-tuning); LoRA takes ~10x a full fine-tune's."
     )
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
@@ -921,7 +922,8 @@ class AlignConfig(_Section):
         if self.loss_type is not None and self.loss_type not in allowed:
             raise ValueError(f"align.loss_type = {self.loss_type!r} is not a loss of align.method = "
                              f"{self.method!r}; use one of {', '.join(allowed)} (or leave it empty)")
-        if self.sft_weight > 0 and self.method not in ("dpo", "none"):
+        # set explicitly for another method: refused; the default (for DPO) is simply not used there
+        if self.sft_weight > 0 and self.method not in ("dpo", "none") and "sft_weight" in self.model_fields_set:
             raise ValueError(f"align.sft_weight = {self.sft_weight:g} applies to align.method dpo only, not "
                              f"{self.method!r}; set it to 0")
         return self

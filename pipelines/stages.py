@@ -48,6 +48,9 @@ class Stage:
     outputs: tuple[str, ...] = ()  # path keys it writes (DVC outs, cached)
     metrics: tuple[str, ...] = ()  # path keys it writes as DVC metrics (small JSON, in git, not cached)
     scratch: tuple[str, ...] = ()  # path keys it writes that are deliberately not versioned (checkpoints)
+    # outputs DVC must not delete before the stage runs (`persist: true`): promote reads the folder it replaces
+    # (the champion) and must leave it in place when it refuses a challenger
+    persist: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # modules its result depends on besides `module` (helpers it calls)
     files: tuple[str, ...] = ()  # package data files its result depends on (e.g. the forgetting probe)
     kinds: tuple[str, ...] = ()  # Dagster kinds (icons in the UI)
@@ -224,6 +227,7 @@ STAGES: tuple[Stage, ...] = (
         params=("evaluate.primary_metric", "evaluate.min_improvement", "evaluate.max_forgetting",
                 "evaluate.champion_margin", "align.gate"),
         inputs=("metrics", "adapter", "alignment_metrics", "aligned_adapter"), outputs=("promoted",),
+        persist=("promoted",),
         code=("pipelines.metrics", "pipelines.champion", "pipelines.methods", "pipelines.report"),
         kinds=("huggingface",),
         rebuild_on=("evaluation_report", "alignment_report"),
@@ -324,7 +328,8 @@ def dvc_yaml() -> str:
             entry["deps"] = deps
         entry["params"] = [*stage.params, *(f"paths.{k}" for k in (*stage.outputs, *stage.metrics, *stage.scratch))]
         if stage.outputs:
-            entry["outs"] = [f"${{paths.{key}}}" for key in stage.outputs]
+            entry["outs"] = [{f"${{paths.{key}}}": {"persist": True}} if key in stage.persist else f"${{paths.{key}}}"
+                             for key in stage.outputs]
         if stage.metrics:
             entry["metrics"] = [{f"${{paths.{key}}}": {"cache": False}} for key in stage.metrics]
         stages[stage.dvc_name] = entry

@@ -168,3 +168,14 @@ def test_a_preflight_error_fails_the_asset_with_its_sentence(tmp_path: Path, tin
     cli = subprocess.run([sys.executable, "-m", "pipelines", "train", "--params", str(params_file)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and cli.stderr.strip() == f"error: {sentence}" and "Traceback" not in cli.stderr
+
+
+def test_dvc_keeps_the_champion_while_promote_runs():
+    """DVC deletes a stage's outputs before running it (dvc.stage.Stage.run -> remove_outs) unless they are
+    `persist`; promote reads the champion in paths.promoted and must leave it in place when it refuses a challenger,
+    so that output persists, and it is the only one (every other stage rebuilds its folders from scratch)."""
+    import yaml
+
+    stages = yaml.safe_load(dvc_yaml())["stages"]
+    persisted = {name: out for name, entry in stages.items() for out in entry.get("outs", []) if isinstance(out, dict)}
+    assert persisted == {"promote": {"${paths.promoted}": {"persist": True}}}

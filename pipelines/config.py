@@ -935,7 +935,8 @@ class AlignConfig(_Section):
 ALIGN_TRAINING_KEYS = (
     "method", "loss_type", "beta", "simpo_gamma", "sft_weight", "desirable_weight", "undesirable_weight", "seed",
     "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
-    "gradient_accumulation_steps", "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience", "logging_steps", "report_to",
+    "gradient_accumulation_steps", "epochs", "max_steps", "eval_steps", "save_steps", "early_stopping_patience",
+    "logging_steps", "report_to",
 )
 
 

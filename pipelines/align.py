@@ -79,7 +79,7 @@ from pipelines.methods import safetensors_adapter
 from pipelines.preferences import as_pairs, as_unpaired
 from pipelines.runcard import library_versions
 from pipelines.train import count_params, load_model, peak_memory_mb
-from pipelines.train_env import TrainEnv
+from pipelines.train_env import TrainEnv, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -199,41 +199,8 @@ def build_trainer(model: Any, ref_model: Any, tokenizer: Any, train_ds: Any, eva
     score_only_label_positions()  # TRL's fused LM head scores only the answer positions on CPU too
     has_eval = eval_ds is not None and len(eval_ds) > 0
     load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0
-    common: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        seed=cfg.seed,
-        data_seed=cfg.seed,  # accelerate's seedable sampler: each epoch's order is seed + epoch, so resumes replay it
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps in transformers 5
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,  # the latest (resume point) + the best (kept in addition when load_best)
-        metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False,
-        load_best_model_at_end=load_best,
-        report_to=cfg.report_to,
-        beta=cfg.beta,
-        max_length=max_length,
-        # Environment, not hyperparameters. TRL defaults bf16 and gradient checkpointing on; both are decided here.
-        use_cpu=env.device == "cpu",
-        bf16=env.precision == "bf16",
-        fp16=env.precision == "fp16",
-        activation_checkpointing=env.gradient_checkpointing,
-        dataloader_pin_memory=env.device == "cuda",
-        disable_tqdm=False,
-    )
+    common: dict[str, Any] = {**trainer_arguments(cfg, env, output_dir, has_eval=has_eval, load_best=load_best),
+                              "beta": cfg.beta, "max_length": max_length}
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 

@@ -162,7 +162,7 @@ STAGES: tuple[Stage, ...] = (
         params=("train", "format.max_length", "model.trust_remote_code", "paths.promoted"),
         inputs=("splits", "base_model"), outputs=("adapter",), scratch=("checkpoints",),
         code=("pipelines.chat", "pipelines.cpu_speedups", "pipelines.checkpoints", "pipelines.runcard",
-              "pipelines.preflight", "pipelines.methods"), kinds=("pytorch", "huggingface"),
+              "pipelines.preflight", "pipelines.methods", "pipelines.train_env"), kinds=("pytorch", "huggingface"),
         rebuild_on=("dataset_splits",), uses_trainer=True,
     ),
     Stage(
@@ -192,7 +192,8 @@ STAGES: tuple[Stage, ...] = (
         params=(*(f"align.{key}" for key in ALIGN_TRAINING_KEYS), "train.method", "format.max_length",
                 "model.trust_remote_code"),
         inputs=("preferences", "adapter", "base_model"), outputs=("aligned_adapter",), scratch=("align_checkpoints",),
-        code=("pipelines.train", "pipelines.chat", "pipelines.runcard"), kinds=("pytorch", "huggingface"),
+        code=("pipelines.train", "pipelines.train_env", "pipelines.chat", "pipelines.runcard"),
+        kinds=("pytorch", "huggingface"),
         rebuild_on=("preference_pairs", "lora_adapter"), uses_trainer=True,
     ),
     Stage(

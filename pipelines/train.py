@@ -45,7 +45,7 @@ from pipelines.config import Params, TrainConfig
 from pipelines.io import StageError, StageResult, atomic_dir, claim_output, read_json, read_jsonl, require, write_json
 from pipelines.preflight import preflight
 from pipelines.runcard import library_versions, render_run_card
-from pipelines.train_env import TrainEnv
+from pipelines.train_env import TrainEnv, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -210,39 +210,10 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
     # step: its budget schedule ends there, and peft reloads an earlier checkpoint at that checkpoint's ranks.
     load_best = has_eval and cfg.save_steps % cfg.eval_steps == 0 and cfg.method != "adalora"
     args = SFTConfig(
-        output_dir=str(output_dir),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        **trainer_arguments(cfg, env, output_dir, has_eval=has_eval, load_best=load_best),
         optim=cfg.optim,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps in transformers 5
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,  # the latest (resume point) + the best (kept in addition when load_best)
-        metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False,
-        load_best_model_at_end=load_best,
-        report_to=cfg.report_to,
         neftune_noise_alpha=cfg.neftune_alpha,
         torch_compile=cfg.torch_compile,
-        # Environment, not hyperparameters. TRL defaults bf16 and gradient checkpointing on; both are decided here.
-        use_cpu=env.device == "cpu",
-        bf16=env.precision == "bf16",
-        fp16=env.precision == "fp16",
-        activation_checkpointing=env.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        dataloader_pin_memory=env.device == "cuda",
         ddp_find_unused_parameters=False,  # every trainable tensor gets a gradient; the search costs a pass
         # Rows arrive tokenised and masked by pipelines.chat; TRL must not re-render, re-mask or touch EOS.
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -254,7 +225,6 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, cfg: 
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,  # the collator needs the eval tag
         label_names=["labels"],
-        disable_tqdm=False,
     )
     callbacks = list(callbacks or [])
     if cfg.method == "adalora":

@@ -157,3 +157,43 @@ def markdown_table() -> str:
         default = "none" if f.default is None else f.text(f.default)
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.var}` | `{default}` | {f.help} |")
     return "\n".join(rows)
+
+
+def trainer_arguments(cfg: Any, env: TrainEnv, output_dir: Path, *, has_eval: bool, load_best: bool) -> dict[str, Any]:
+    """The transformers TrainingArguments that the SFT and the preference trainer share, from a train: or align:
+    section (`cfg`: pipelines.config.TrainConfig or AlignConfig, the same field names) and this environment:
+    schedule, evaluation and checkpoints (the latest, the resume point, plus the best when `load_best`), and the
+    device and precision, which TRL would otherwise default (bf16, gradient checkpointing). Each stage adds its own
+    (train: optimizer, NEFTune, batching; align: beta, max_length, the loss)."""
+    return dict(
+        output_dir=str(output_dir),
+        seed=cfg.seed,
+        data_seed=cfg.seed,  # accelerate's seedable sampler: each epoch's order is seed + epoch, so resumes replay it
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps in transformers 5
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,  # the latest (resume point) + the best (kept in addition when load_best)
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False,
+        load_best_model_at_end=load_best,
+        report_to=cfg.report_to,
+        use_cpu=env.device == "cpu",
+        bf16=env.precision == "bf16",
+        fp16=env.precision == "fp16",
+        activation_checkpointing=env.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        dataloader_pin_memory=env.device == "cuda",
+        disable_tqdm=False,
+    )

@@ -33,7 +33,7 @@ import json
 import dagster as dg
 from dagster import SensorEvaluationContext
 
-from assets.sync import check_keys, materialization, pending, raw_observation
+from assets.sync import check_keys, input_pointers, materialization, pending, raw_observation
 from assets.versions import combined_hash, raw_file_states
 from pipelines.stages import upstream_assets
 from resources.project import ProjectResource
@@ -184,7 +184,10 @@ def dvc_sync_sensor(context: SensorEvaluationContext, project: ProjectResource) 
     if not found:
         return dg.SensorResult(skip_reason="every output made outside Dagster is already shown")
     events: list = [raw_observation(params)] if any("raw_files" in upstream_assets(s) for s, _ in found) else []
-    events += [materialization(stage, record, params) for stage, record in found]
+    # provenance from what the instance holds now (an upstream reported in this same tick points at its previous
+    # materialisation; the next `python -m assets.sync` or Dagster run of it sets it right)
+    events += [materialization(stage, record, params, input_pointers(context.instance, record["card"]["inputs"]))
+               for stage, record in found]
     stages = [stage for stage, _ in found]
     keys = check_keys(stages)
     run_key = "dvc-sync-" + "-".join(f"{stage.asset}:{record['data_version'][:8]}" for stage, record in found)

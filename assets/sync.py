@@ -99,8 +99,23 @@ def pending(instance: dg.DagsterInstance, params: Params) -> list[tuple[Stage, d
     return out
 
 
-def materialization(stage: Stage, record: dict[str, Any], params: Params) -> dg.AssetMaterialization:
-    """The runless materialisation of a record: the metadata and version tags a Dagster run would give."""
+def input_pointers(instance: dg.DagsterInstance, names: Any) -> dict[str, str]:
+    """For each upstream asset name: the storage id of its latest materialisation (or observation: raw_files),
+    "NULL" when it has none. With the input data versions these are the provenance tags Dagster's staleness
+    check reads (a materialisation without them shows "has a new dependency on ..." in the UI)."""
+    pointers = {}
+    for name in names:
+        key = dg.AssetKey(name)
+        found = (instance.fetch_materializations(key, limit=1).records
+                 or instance.fetch_observations(key, limit=1).records)
+        pointers[name] = str(found[0].storage_id) if found else "NULL"
+    return pointers
+
+
+def materialization(stage: Stage, record: dict[str, Any], params: Params,
+                    pointers: dict[str, str] | None = None) -> dg.AssetMaterialization:
+    """The runless materialisation of a record: the metadata and version tags a Dagster run would give
+    (`pointers`: input_pointers of its upstream assets, when the instance is at hand)."""
     import assets.definitions  # noqa: F401  (registers each asset's extra metadata in assets.stage.METADATA)
     from assets.stage import stage_metadata
 
@@ -110,6 +125,8 @@ def materialization(stage: Stage, record: dict[str, Any], params: Params) -> dg.
     tags = {"dagster/data_version": record["data_version"], "dagster/code_version": record["card"]["code_version"]}
     for name, version in record["card"]["inputs"].items():
         tags[f"dagster/input_data_version/{name}"] = version
+        if pointers is not None:
+            tags[f"dagster/input_event_pointer/{name}"] = pointers.get(name, "NULL")
     return dg.AssetMaterialization(asset_key=stage.asset, metadata=metadata, tags=tags)
 
 
@@ -132,8 +149,9 @@ def sync(instance: dg.DagsterInstance, params: Params, *, run_checks: bool = Tru
         return []
     if any("raw_files" in upstream_assets(stage) for stage, _ in found):
         instance.report_runless_asset_event(raw_observation(params))
-    for stage, record in found:
-        instance.report_runless_asset_event(materialization(stage, record, params))
+    for stage, record in found:  # one at a time, upstream first: each points at what was just reported
+        pointers = input_pointers(instance, record["card"]["inputs"])
+        instance.report_runless_asset_event(materialization(stage, record, params, pointers))
     stages = [stage for stage, _ in found]
     if run_checks and check_keys(stages):
         from assets.checks import CHECKS

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipelines.stages import STAGES
+from pipelines.stages import BY_ASSET, STAGES, upstream_assets
 from tests.conftest import tiny_overrides, write_project
 from tests.test_dvc import copy_repo, dvc_executable, ran_stages, run
 
@@ -135,6 +135,13 @@ def test_sync_reports_what_dvc_made_with_metadata_and_checks(tmp_path_factory, t
             event = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization
             assert SHOWN[asset] in event.metadata and sync.SYNCED in event.metadata
             assert event.tags["dagster/data_version"] and event.tags["dagster/code_version"]
+            # provenance a Dagster run would record: each input's data version and the event it was read from (the
+            # UI's staleness check reads both; without the pointer it shows "has a new dependency on ...")
+            for upstream in upstream_assets(BY_ASSET[asset]):
+                latest = (instance.fetch_materializations(dg.AssetKey(upstream), limit=1).records
+                          or instance.fetch_observations(dg.AssetKey(upstream), limit=1).records)
+                assert event.tags[f"dagster/input_event_pointer/{upstream}"] == str(latest[0].storage_id), upstream
+                assert f"dagster/input_data_version/{upstream}" in event.tags, upstream
         checks = {(k.asset_key.to_user_string(), k.name): instance.get_latest_asset_check_evaluation_record(k)
                   for k in sync.check_keys([s for s in STAGES if s.asset in data])}
         assert all(r is not None and r.event.dagster_event.event_specific_data.passed for r in checks.values())

@@ -40,7 +40,10 @@ ALL_STAGES = {"fetch_model", "ingest", "clean", "format", "split", "preference_d
 EXPORT_STAGES = ("merge", "export_gguf")  # not in the copy's dvc.yaml (see the docstring)
 # What a clone must get back from the remote (DVC cache) or from git (metrics.json, cache: false).
 RESTORED = ["data/adapter", "data/evaluation", "data/splits", "data/promoted", "data/metrics.json"]
-GATE_THAT_A_TINY_RUN_PASSES = {"primary_metric": "loss", "min_improvement": 0.0, "max_forgetting": 5.0}
+# champion_margin: the experiment's lower learning rate leaves the tiny model worse than run A, the champion it is
+# compared with, and promote would refuse it (that rule is tested in tests/test_champion.py)
+GATE_THAT_A_TINY_RUN_PASSES = {"primary_metric": "loss", "min_improvement": 0.0, "max_forgetting": 5.0,
+                               "champion_margin": 10.0}
 EXPERIMENT_LR = 0.0005  # the baseline's train.learning_rate is 0.001 (params.yaml)
 
 

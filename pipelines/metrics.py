@@ -311,20 +311,24 @@ def gate(metrics: dict[str, Any], cfg: Any) -> tuple[bool, list[str]]:
                            f"{'lies above' if sure else 'does not lie above'} 0; {'pass' if sure else 'FAIL'}.")
             ok = ok and sure
         ok = ok and enough
-    forgetting = metrics.get("forgetting")
+    within, reason = forgetting_rule(metrics.get("forgetting"), metrics.get("probe", {}), cfg.max_forgetting,
+                                     ("base", "base_loss"), ("fine-tuned", "fine_tuned_loss"))
+    reasons.append(reason)
+    return ok and within, reasons
+
+
+def forgetting_rule(forgetting: float | None, probe: dict[str, Any], bound: float, before: tuple[str, str],
+                    after: tuple[str, str]) -> tuple[bool, str]:
+    """The forgetting rule of a gate: the probe-set loss may rise by at most `bound` nats/token. `before` and
+    `after` are (label, key in `probe`) of the two models' probe losses, shown when both are there. None or NaN
+    (nothing measured) fails."""
     if forgetting is None or math.isnan(forgetting):
-        reasons.append("forgetting: no probe-set loss was measured; FAIL.")
-        ok = False
-    else:
-        within = forgetting <= cfg.max_forgetting
-        probe = metrics.get("probe", {})
-        detail = (f" (base {probe['base_loss']:.4f} -> fine-tuned {probe['fine_tuned_loss']:.4f})"
-                  if {"base_loss", "fine_tuned_loss"} <= probe.keys() else "")
-        reasons.append(f"forgetting: probe-set loss changed by {forgetting:+.4f} nats/token{detail}, "
-                       f"{'within' if within else 'over'} the bound {cfg.max_forgetting:.4f}; "
-                       f"{'pass' if within else 'FAIL'}.")
-        ok = ok and within
-    return ok, reasons
+        return False, "forgetting: no probe-set loss was measured; FAIL."
+    within = forgetting <= bound
+    detail = (f" ({before[0]} {probe[before[1]]:.4f} -> {after[0]} {probe[after[1]]:.4f})"
+              if {before[1], after[1]} <= probe.keys() else "")
+    return within, (f"forgetting: probe-set loss changed by {forgetting:+.4f} nats/token{detail}, "
+                    f"{'within' if within else 'over'} the bound {bound:.4f}; {'pass' if within else 'FAIL'}.")
 
 
 # ----------------------------------------------------------------------------------------------- alignment
@@ -402,20 +406,10 @@ def alignment_gate(metrics: dict[str, Any], cfg: Any, primary_metric: str) -> tu
                        f"rows, a drop of {drop:+.4f}, {'within' if within else 'over'} the allowed "
                        f"{cfg.max_task_drop:.4f}; {'pass' if within else 'FAIL'}.")
         ok = ok and within
-    forgetting = task.get("forgetting")
-    if forgetting is None or math.isnan(forgetting):
-        reasons.append("forgetting: no probe-set loss was measured; FAIL.")
-        ok = False
-    else:
-        within = forgetting <= cfg.max_forgetting
-        probe = task.get("probe", {})
-        detail = (f" (SFT {probe['sft_loss']:.4f} -> aligned {probe['aligned_loss']:.4f})"
-                  if {"sft_loss", "aligned_loss"} <= probe.keys() else "")
-        reasons.append(f"forgetting: probe-set loss changed by {forgetting:+.4f} nats/token{detail}, "
-                       f"{'within' if within else 'over'} the bound {cfg.max_forgetting:.4f}; "
-                       f"{'pass' if within else 'FAIL'}.")
-        ok = ok and within
-    return ok, reasons
+    within, reason = forgetting_rule(task.get("forgetting"), task.get("probe", {}), cfg.max_forgetting,
+                                     ("SFT", "sft_loss"), ("aligned", "aligned_loss"))
+    reasons.append(reason)
+    return ok and within, reasons
 
 
 # ------------------------------------------------------------------------------------------------ champion

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from pipelines.config import load_params
-    from pipelines.errors import UserError
+    from pipelines.errors import UserError, exit_code
     from resources.ui import dagster_home
 
     parser = argparse.ArgumentParser(prog="python -m assets.sync", description=__doc__.split("\n")[0])
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(params.root)))
     with dg.DagsterInstance.get() as instance:
         reported = sync(instance, params, run_checks=not args.no_checks)

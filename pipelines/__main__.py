@@ -24,7 +24,7 @@ import sys
 import time
 
 from pipelines.config import Params
-from pipelines.errors import UserError
+from pipelines.errors import UserError, exit_code
 from pipelines.io import StageResult
 from pipelines.stages import STAGES, Stage
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = next(s for s in STAGES if s.name == args.stage)
         result = run_and_record(stage, params)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     print(result.summary())
     return 0
 

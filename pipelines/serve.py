@@ -55,7 +55,7 @@ from types import FrameType
 
 from pipelines import llama_cpp
 from pipelines.config import Params, load_params
-from pipelines.errors import UserError
+from pipelines.errors import run_command
 from pipelines.io import StageError, atomic_path, sha256_tree
 
 MERGED_NAME = "fine-tuned"  # the served model's name (OpenAI `model`) for the merged model
@@ -236,12 +236,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines serve [...]`; a user error (no GGUF, no build, a bad adapter) exits 2 in one sentence."""
-    args = parser().parse_args(argv)
-    try:
-        return command(args, load_params(args.params))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(command, parser().parse_args(argv), load_params)
 
 
 def command(args: argparse.Namespace, params: Params) -> int:

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from pipelines.chat import tokenize_prompt
 from pipelines.config import Params, load_params
-from pipelines.errors import UserError
+from pipelines.errors import run_command
 from pipelines.evaluate import _load_causal_lm, stop_token_ids
 from pipelines.io import StageError
 from pipelines.methods import safetensors_adapter
@@ -254,12 +254,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines chat [...]`: load, then talk until /quit or end of input; a user error exits 2."""
-    args = parser().parse_args(argv)
-    try:
-        return command(args, load_params(args.params))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(command, parser().parse_args(argv), load_params)
 
 
 def command(args: argparse.Namespace, params: Params) -> int:

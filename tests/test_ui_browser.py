@@ -200,6 +200,8 @@ def test_materialise_data_assets_from_the_browser_then_stop_cleanly(ui_project: 
                 expect(row).to_contain_text(str(n))  # rows_train, not rows_train_natural or rows_train_replay
             expect(page.get_by_role("row").filter(has_text="path/train")).to_contain_text(str(splits / "train.jsonl"))
             page.screenshot(path=str(screenshot), full_page=False)
+            row_count = re.compile(r"Row count\s+" + re.escape(f"{sum(counts.values()):,}"))
+            expect(page.locator("body")).to_contain_text(row_count, use_inner_text=True)
             asset_text = page.inner_text("body")
 
             page.goto(f"{url}/assets/dataset_splits?view=checks", wait_until="domcontentloaded")
@@ -207,11 +209,15 @@ def test_materialise_data_assets_from_the_browser_then_stop_cleanly(ui_project: 
             # The first check (no_leakage) opens on the right with its latest evaluation and evidence.
             expect(page.get_by_text("Passed", exact=True)).to_be_visible()
             expect(page.get_by_role("row").filter(has_text="near_duplicate_pairs_across_splits")).to_contain_text("0")
+            body = page.locator("body")
+            for check in ("no_leakage", "non_empty", "schema"):  # the check list: name, then its latest status
+                # The list fills in after the first check's panel (CI once read the page before it had), so wait.
+                expect(body).to_contain_text(re.compile(rf"\b{check}\s+(?:{check}\s+)?Succeeded"), use_inner_text=True)
             checks_text = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "ui_checks.png"))
             browser.close()
 
-        assert re.search(r"Row count\s+" + re.escape(f"{sum(counts.values()):,}"), asset_text), asset_text[:2000]
+        assert row_count.search(asset_text), asset_text[:2000]
         for check in ("no_leakage", "non_empty", "schema"):  # the check list: name, then its latest status
             assert re.search(rf"\b{check}\s+(?:{check}\s+)?Succeeded", checks_text), checks_text[:2000]
         assert "blocking" in checks_text

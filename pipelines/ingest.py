@@ -78,6 +78,7 @@ Outputs (paths.raw_examples): examples.jsonl, quarantine.jsonl, report.json.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -806,7 +807,9 @@ _CSV_JSON_COLUMNS = ("messages", "conversations", "history", "prompt", "completi
 
 
 def _csv_cell(key: str, value: str) -> Any:
-    """CSV cells are strings; nested columns may hold JSON, and KTO labels are written true/false."""
+    """CSV cells are strings; nested columns may hold JSON, and KTO labels are written true/false. `key` is the
+    header's name, in any case (standard_keys renames it after)."""
+    key = key.strip().casefold()
     if key in _CSV_JSON_COLUMNS and value.lstrip().startswith("["):
         try:
             return json.loads(value)
@@ -938,9 +941,56 @@ def _read_parquet(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
         yield Record(number + 1, text="", problem=Rejection(f"unreadable Parquet: {exc}", "unreadable_file"))
 
 
+# The top-level field names the row builders (and the preference-data stage) read.
+FIELD_NAMES = frozenset({"messages", "conversations", "instruction", "input", "output", "history", "prompt",
+                         "completion", "response", "system", "tools", "functions", "label", "chosen", "rejected"})
+
+
+def standard_keys(obj: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """`obj` with each key that is a FIELD_NAMES name in another case or with spaces around it ("Instruction",
+    " Output ", "PROMPT") renamed to that name, and the renames made [(old, new)].
+
+    Spreadsheet exports and hand-written headers capitalise column names; read literally, a whole file would be
+    quarantined as unknown_format. A key is left as it is when the standard name is already a key of the row or
+    when two keys would get the same name (no way to know which one is meant).
+    """
+    if not isinstance(obj, dict):
+        return obj, []
+    renames = {k: k.strip().casefold() for k in obj if isinstance(k, str) and k not in FIELD_NAMES}
+    renames = {k: std for k, std in renames.items() if std in FIELD_NAMES and std not in obj}
+    taken = Counter(renames.values())
+    renames = {k: std for k, std in renames.items() if taken[std] == 1}
+    if not renames:
+        return obj, []
+    return {renames.get(k, k): v for k, v in obj.items()}, sorted(renames.items())
+
+
 Reader = Callable[[Path, int, list[str]], Iterator[Record]]
-READERS: dict[str, Reader] = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
-                              ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _with_standard_keys(read: Reader) -> Reader:
+    """`read` whose records have their field names standardised (standard_keys), with one note per file."""
+
+    @functools.wraps(read)
+    def reader(path: Path, limit: int, notes: list[str]) -> Iterator[Record]:
+        renamed: Counter = Counter()
+        try:
+            for record in read(path, limit, notes):
+                record.obj, renames = standard_keys(record.obj)
+                renamed.update(renames)
+                yield record
+        finally:
+            if renamed:
+                shown = ", ".join(f"{old!r} as {new!r}" for old, new in sorted(renamed))
+                rows = max(renamed.values())
+                notes.append(f"names fields in another case or with spaces; read {shown} ({_rows(rows)})")
+
+    return reader
+
+
+READERS: dict[str, Reader] = {ext: _with_standard_keys(read) for ext, read in (
+    (".jsonl", _read_jsonl), (".ndjson", _read_jsonl), (".json", _read_json), (".csv", _read_csv),
+    (".parquet", _read_parquet))}
 
 
 # ----------------------------------------------------------------------------------------------------

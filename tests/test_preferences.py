@@ -270,3 +270,11 @@ def test_real_dpo_and_kto_datasets_lose_no_good_pair(tmp_path):
     assert m["preference_rows"] == 600 and m["malformed"] == 0 and m["rules"] == {"exact_duplicate": copies}
     assert (m["pairs"], m["desirable"], m["undesirable"]) == (300 - copies, 150, 150)
     assert m["formats"] == {"sharegpt_pair": 295, "messages_label": 300}
+
+
+def test_capitalised_preference_fields_are_read(tmp_path):
+    """A spreadsheet of pairs with the header Prompt,Chosen,Rejected is read as prompt/chosen/rejected."""
+    lines = "".join(f"{TICKETS[i]},yes,no\n" for i in range(20, 30))
+    params = load_params(_project(tmp_path, {"pairs.csv": "Prompt,Chosen,Rejected\n" + lines}))
+    m = preferences.run(params).metrics
+    assert (m["preference_rows"], m["pairs"], m["quarantined"]) == (10, 10, 0)

@@ -253,3 +253,30 @@ def test_all_rows_quarantined_says_so_not_no_data_files(tmp_path):
                        match=r"1 rows read, 1 quarantined.*\): every row was quarantined \(malformed_json: 1\); add"):
         ingest.run(params)
     assert read_json(params.path("raw_examples") / "report.json")["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------ field names' case
+
+
+@pytest.mark.parametrize(("name", "content", "answers"), [
+    ("sheet.csv", b"Instruction,Input,Output\nq1,,a1\nq2,extra,a2\n", ["a1", "a2"]),  # a spreadsheet's header
+    ("sheet2.csv", b" PROMPT ; Completion \nq1;a1\n", ["a1"]),  # spaces, semicolons
+    ("msgs.csv", b'Messages\n"[{""role"": ""user"", ""content"": ""q1""}, {""role"": ""assistant"", ""content"": '
+                 b'""a1""}]"\n', ["a1"]),  # a JSON column whose header is capitalised is still parsed
+    ("rows.jsonl", b'{"Prompt": "q1", "Response": "a1"}\n{"prompt": "q2", "response": "a2"}\n', ["a1", "a2"]),
+])
+def test_field_names_in_another_case_are_read_as_the_standard_name(tmp_path, name, content, answers):
+    metrics, rows, quarantine = _ingest(_project(tmp_path, {name: content}))
+    got = [r["messages"][-1]["content"] for r in rows if r["source"] == f"data/raw/{name}"]
+    assert got == answers and quarantine == []
+    assert any(m.startswith(f"data/raw/{name}: names fields in another case or with spaces; read ")
+               for m in metrics["messages"]), metrics["messages"]
+
+
+def test_two_names_for_one_field_are_left_as_they_are(tmp_path):
+    """{"Output", "output"} or {"Prompt", " prompt "}: no way to know which is meant, so nothing is renamed."""
+    assert ingest.standard_keys({"Output": "a", "output": "b"}) == ({"Output": "a", "output": "b"}, [])
+    assert ingest.standard_keys({"Prompt": "a", " prompt ": "b", "completion": "c"})[1] == []
+    assert ingest.standard_keys({"Ticket": 1, "Prompt": "q"}) == ({"Ticket": 1, "prompt": "q"}, [("Prompt", "prompt")])
+    metrics, rows, quarantine = _ingest(_project(tmp_path, {"x.jsonl": '{"Output": "a", "output": "b"}\n'}))
+    assert [q["rule"] for q in quarantine] == ["unknown_format"]

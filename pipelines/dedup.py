@@ -5,8 +5,8 @@
 
 Conversations are compared with similar_pairs: near duplicates of the whole conversation (as folded by
 conversation_text) that stay near duplicates once the template text both share is set aside
-(template_lines), so rows that only share a long system prompt or an instruction template are not
-duplicates.
+(template_lines for whole lines, template_shingles inside a line), so rows that only share a long system
+prompt or an instruction template are not duplicates.
 
 Near duplicates are found the classic way (MinHash + LSH banding, "Mining of Massive Datasets" ch. 3)
 and every candidate pair is then verified with the exact Jaccard similarity of its two shingle sets,
@@ -115,6 +115,25 @@ def template_lines(lines: Sequence[str], share: float = 0.1, least: int = 3,
             values, counts = np.unique(np.array(hashes, dtype=np.int64), return_counts=True)
             found.update(values[counts >= minimum].tolist())
     return found
+
+
+def template_shingles(wholes: Sequence[str], shingle_size: int, share: float = 0.1, least: int = 10) -> set[int]:
+    """Hashes of the word shingles (as near_duplicate_pairs hashes them) found in at least `least` and at least
+    `share` of the distinct texts `wholes` (whole_text of each row): template text inside a line, such as an
+    instruction written before every question on the same line, which template_lines cannot see.
+
+    The bar is higher than template_lines' (10 rows, not 3): a few near copies of one text share all their
+    shingles, and a small file must not see them as template. Counted once per distinct text, with numpy.
+    """
+    distinct = sorted(set(wholes))
+    if len(distinct) < least:
+        return set()
+    per_row = []
+    for _, batch in _batches(distinct):
+        hashes, offsets = _shingle_hashes(batch, shingle_size)
+        per_row += [np.unique(hashes[offsets[i]:offsets[i + 1]]) for i in range(len(batch))]
+    values, counts = np.unique(np.concatenate(per_row), return_counts=True)
+    return set(values[counts >= max(least, math.ceil(share * len(distinct)))].tolist())
 
 
 def _line_hashes(form: str) -> set[int]:
@@ -423,7 +442,9 @@ def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, s
 
     The second test is a veto: two rows that share one long system prompt or an instruction template but
     differ in their own question and answer (own Jaccard near 0) are not duplicates, however similar the
-    whole texts. The bar is a fraction of the threshold because setting aside shared text also shortens
+    whole texts. Template text is whole lines (template_lines) and, inside a line, the word shingles that
+    template_shingles finds in many rows (an instruction and its question on one line); both are set aside
+    only where the two rows share them. The bar is a fraction of the threshold because setting aside shared text also shortens
     the texts, and on short texts one different word costs `shingle_size` shingles: the same ticket with
     another greeting scores ~0.8 on its own content against 0.88 whole, variants of one tool-call dialogue
     ~0.58 against 0.62. The veto only removes pairs, so leaving template text out never makes two rows
@@ -435,23 +456,29 @@ def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, s
     if not pairs:
         return []
     template = template_lines(lines, boilerplate_share, wholes=wholes)
+    in_line = template_shingles(wholes, shingle_size, boilerplate_share)
+    whole_sets: dict[int, frozenset[int]] = {}
+    if in_line:
+        involved = sorted({k for i, j, _ in pairs for k in (i, j)})
+        whole_sets = dict(zip(involved, _shingle_sets([wholes[k] for k in involved], shingle_size), strict=True))
     hashes: dict[int, set[int]] = {}
     out: list[tuple[int, int, float]] = []
-    recheck: list[tuple[int, int, float]] = []
+    recheck: list[tuple[int, int, float, frozenset[int]]] = []
     texts: list[str] = []
     for i, j, whole in pairs:
         for k in (i, j):
             if k not in hashes:
                 hashes[k] = _line_hashes(lines[k]) & template
         shared = hashes[i] & hashes[j]
-        if not shared:
+        shared_shingles = whole_sets[i] & whole_sets[j] & in_line if in_line else frozenset()
+        if not shared and not shared_shingles:
             out.append((i, j, whole))  # no template text in common: the whole-text Jaccard stands
             continue
-        recheck.append((i, j, whole))
+        recheck.append((i, j, whole, shared_shingles))
         texts += [without_lines(lines[i], shared), without_lines(lines[j], shared)]
     sets = _shingle_sets(texts, shingle_size) if texts else []
-    for n, (i, j, whole) in enumerate(recheck):
-        a, b = sets[2 * n], sets[2 * n + 1]
+    for n, (i, j, whole, drop) in enumerate(recheck):
+        a, b = sets[2 * n] - drop, sets[2 * n + 1] - drop
         inter = len(a & b)
         union = len(a) + len(b) - inter
         own = inter / union if union else 1.0  # nothing of their own: identical apart from shared template

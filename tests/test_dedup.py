@@ -202,6 +202,37 @@ def test_a_shared_system_prompt_makes_no_pair_but_whole_text_would():
     assert dedup.similar_pairs(lines, 0.85) == [] and dedup.similar_pairs(lines, 0.6) == []
 
 
+INLINE = ("You are the support agent of a bike rental shop in Bergen. Read the customer's message and answer it "
+          "politely in one or two sentences, without promising refunds or dates. The message:")
+QUESTIONS = ["where is my parcel", "can I change my password", "the app crashes on start", "I was charged twice",
+             "how do I export data", "do you ship to Canada", "my coupon does not work", "can I add a second user",
+             "the invoice has a typo", "how to delete my account", "is there a dark mode", "the page loads slowly",
+             "I forgot my username", "can I pay by invoice", "the download link expired", "how do I cancel",
+             "the PDF is blank", "can I get a receipt", "my order arrived damaged", "is my data encrypted"]
+
+
+def test_a_template_inside_one_line_makes_no_pair():
+    """Siblings of case 09: the instruction and the question on one line; template_lines cannot see it, the
+    shingles found in many rows (template_shingles) are set aside instead."""
+    rows = [chat(("user", f"{INLINE} {q}"), ("assistant", f"Sorry about that: {q.split()[-1]}.")) for q in QUESTIONS]
+    assert near_duplicate_pairs([conversation_text(r) for r in rows], 0.6)  # the fault: 20 pairs at 0.6
+    lines = [dedup.conversation_lines(r) for r in rows]
+    assert dedup.similar_pairs(lines, 0.85) == [] and dedup.similar_pairs(lines, 0.6) == []
+    # a real near copy under the same template is still one
+    rows.append(chat(("user", f"{INLINE} where is my parcel please"), ("assistant", "Sorry about that: parcel.")))
+    lines = [dedup.conversation_lines(r) for r in rows]
+    assert [(i, j) for i, j, _ in dedup.similar_pairs(lines, 0.6)] == [(0, 20)]
+
+
+def test_template_shingles_need_ten_distinct_rows():
+    """A few near copies of one text share all their shingles; below `least` distinct rows nothing is template."""
+    texts = [conversation_text(chat(("user", f"{INLINE} {q}"))) for q in QUESTIONS]
+    assert len(dedup.template_shingles(texts[:9] * 5, 3)) == 0  # 9 distinct rows, copies do not count
+    found = dedup.template_shingles(texts, 3)
+    assert len(found) == len(INLINE.split()) + 1 - 3 + 1  # the instruction's shingles, with "user:" in front
+    assert not dedup.template_shingles(texts, 3, share=0.9) - found
+
+
 def test_real_near_duplicates_stay_pairs_and_pairs_only_shrink():
     ticket = "Subject: Missing package\n\nHello,\nOnly one of the two packages in shipment LX1 was delivered."
     variant = ticket.replace("Hello,", "Hi again, Hello,")

@@ -251,6 +251,21 @@ def test_rows_that_share_only_a_system_prompt_form_one_group_each():
     assert {name: len(v) for name, v in splits.items()} == {"train": 17, "validation": 1, "test": 2}
 
 
+def test_rows_that_share_a_template_inside_one_line_form_one_group_each():
+    """A sibling of case 09: the instruction is written before each question on the same line."""
+    rng = random.Random(6)
+    template = ("Read the customer's message below and answer it politely in one or two sentences, without promising "
+                "refunds or dates, and sign it as the support team. The message:")
+    rows = [_row(i, f"{template} {_text(rng, 3)}") for i in range(20)]
+    for i, row in enumerate(rows):
+        row["messages"][1]["content"] = _text(rng, 2)
+    cfg = SplitConfig(train=0.85, validation=0.05, test=0.1)
+    assert len(set(cluster([conversation_text(r) for r in rows], cfg.group_threshold))) < 20  # the fault
+    splits = sp.split_rows(rows, cfg)
+    assert len({r["group"] for v in splits.values() for r in v}) == 20
+    assert {name: len(v) for name, v in splits.items()} == {"train": 17, "validation": 1, "test": 2}
+
+
 @pytest.mark.parametrize("rows, expected", [
     pytest.param([_row(i, f"question {i} about billing") for i in range(3)],
                  "split.validation = 0.05 of 3 rows is 0.15 rows, less than one", id="too-few-rows"),

@@ -60,6 +60,7 @@ from pipelines.checkpoints import (
     record_completed,
     restore_completed,
     resume_point,
+    training_lock,
     unless_finished,
 )
 from pipelines.config import ALIGN_TRAINING_KEYS, AlignConfig, Params, align_loss
@@ -376,6 +377,19 @@ def run(params: Params, env: TrainEnv | None = None, on_log: OnLog | None = None
                      f"{data_figures['overlong_prompt_dropped']} prompts over format.max_length): nothing was trained",
                      data_figures)
 
+    # One training per checkpoint folder, as the train stage (pipelines.checkpoints.training_lock): a second align
+    # started while one runs (the UI and `dvc repro` at once) stops with one sentence instead of writing the same
+    # checkpoints and adapter.
+    with training_lock(params.path("align_checkpoints")):
+        return _train(params, env, on_log, started, tokenizer, train_ex, val_ex, data_figures)
+
+
+def _train(params: Params, env: TrainEnv, on_log: OnLog | None, started: float, tokenizer: Any,
+           train_ex: list[dict[str, Any]], val_ex: list[dict[str, Any]], data_figures: dict[str, Any]) -> StageResult:
+    """align's training under the lock: resume or restore by fingerprint, train, write the adapter and record."""
+    cfg = params.align
+    max_length = params.format.max_length
+    base_dir = params.path("base_model")
     fingerprint = run_fingerprint(params)
     run_dir = params.path("align_checkpoints") / fingerprint["run_hash"]
     out = params.path("aligned_adapter")

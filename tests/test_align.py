@@ -420,3 +420,14 @@ def test_a_missing_sft_adapter_names_the_stage(tmp_path, tiny_model_dir, sft_dir
     params = load_params(make_project(tmp_path, tiny_model_dir, tmp_path / "nowhere"))
     with pytest.raises(StageError, match="run the 'train' stage first"):
         align.run(params, CPU)
+
+
+def test_a_second_align_while_one_trains_stops_in_one_sentence(tmp_path, tiny_model_dir, sft_dir):
+    """align holds the training lock on paths.align_checkpoints, as train does on paths.checkpoints."""
+    from pipelines.checkpoints import training_lock
+
+    params = load_params(make_project(tmp_path, tiny_model_dir, sft_dir))
+    with training_lock(params.path("align_checkpoints")):  # another align, mid-run
+        with pytest.raises(StageError, match="another training run .* is writing the checkpoints"):
+            align.run(params, CPU)
+    assert not params.path("aligned_adapter").exists()

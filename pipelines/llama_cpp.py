@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError, exit_code
+
 PACKAGE = "llama-cpp-python"
 PROGRAMS = ("llama-server", "llama-quantize")
 SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
@@ -65,8 +67,9 @@ CMAKE_FLAGS = (
 )
 
 
-class LlamaCppMissing(RuntimeError):
-    """llama.cpp is not built on this machine: the message says which command builds it."""
+class LlamaCppMissing(UserError, RuntimeError):
+    """llama.cpp is not built on this machine (an environment problem, a UserError): the message says which command
+    builds it."""
 
 
 @dataclass(frozen=True)
@@ -360,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         found = find() if args.where else build(args.jobs, sdist=args.sdist)
     except LlamaCppMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     print(found.root)
     return 0
 

@@ -216,9 +216,9 @@ def _check_target_modules(params: Params, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from pipelines.config import load_params
+    from pipelines.errors import exit_code
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.preflight", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(load_params(args.params), args.stage)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     print("preflight: ok")
     return 0
 

@@ -97,7 +97,8 @@ def stage_asset(context: dg.AssetExecutionContext, stage: Stage, call: Callable[
     if context.run.tags.get(FORCE_TAG, "").lower() != "true":
         record = records.current(stage, params, card)
         if record is not None:
-            door = "`dvc repro` / the command line" if record.get("door") == "cli" else "a Dagster run"
+            door = {"cli": "`dvc repro` / the command line", "dvc": "DVC (restored from its cache)"}.get(
+                record.get("door"), "a Dagster run")
             note = (f"made by {door} at {record.get('finished')}; inputs, params, code and output unchanged: the "
                     f"stage did not run (tag {FORCE_TAG}=true recomputes)")
             context.log.info(f"{stage.asset}: {note}")

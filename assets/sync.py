@@ -3,7 +3,8 @@
     python -m assets.sync                # report every output `dvc repro` made into the Dagster instance
                                          # ($DAGSTER_HOME), then evaluate their checks (`make pipeline` ends with it)
 
-DVC -> Dagster. Every stage run writes a run record beside its output (pipelines.records), whichever door ran it.
+DVC -> Dagster. Every stage run writes a run record beside its output (pipelines.records), whichever door ran it;
+outputs DVC restored without running the stage (run cache, `dvc checkout`) get one here (restored_records).
 An output whose record is current (same params, input versions and code as now; files unchanged) but which
 Dagster has not seen is reported to the instance as a *runless* AssetMaterialization carrying exactly the metadata
 a Dagster run gives (figures, plots, run card, data and code version tags), the mechanism Dagster offers for assets
@@ -21,6 +22,7 @@ not what dvc.yaml reads).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,8 +35,9 @@ import dagster as dg
 
 from pipelines import records
 from pipelines.config import Params
+from pipelines.io import StageResult
 from pipelines.stages import STAGES, Stage, upstream_assets
-from pipelines.versions import raw_version, stage_card
+from pipelines.versions import current_version, raw_version, stage_card
 
 SYNCED = "synced"
 LOCK_RETRIES = 5  # dvc commit attempts while another DVC process holds the repository lock
@@ -49,19 +52,29 @@ def dvc_executable() -> str | None:
     return str(beside) if beside.exists() else shutil.which("dvc")
 
 
+def _owned_by_dvc(params: Params) -> bool:
+    """True if DVC owns this project's state: dvc.yaml and .dvc/ beside the project's own params.yaml (an
+    experiment's params file is not what dvc.yaml reads)."""
+    root = params.root
+    return ((root / "dvc.yaml").is_file() and (root / ".dvc").is_dir() and params.file is not None
+            and params.file == (root / "params.yaml").resolve())
+
+
+def _dvc_env() -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
 def dvc_commit(stage: Stage, params: Params) -> str | None:
     """Record `stage` in dvc.lock after a Dagster run made its outputs; None on success or when DVC does not own
     this project (no dvc.yaml, or another params file), else why it could not (one line)."""
     root = params.root
-    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
-        return None
-    if params.file is None or params.file != (root / "params.yaml").resolve():
+    if not _owned_by_dvc(params):
         return None
     dvc = dvc_executable()
     if dvc is None:
         return "dvc is not installed (make setup installs it)"
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = _dvc_env()
     for attempt in range(LOCK_RETRIES):
         proc = subprocess.run([dvc, "commit", "--force", "--quiet", stage.dvc_name], cwd=root, env=env,
                               capture_output=True, text=True, timeout=600)
@@ -88,12 +101,68 @@ def _seen(instance: dg.DagsterInstance, stage: Stage, record: dict[str, Any]) ->
             and getattr(params_hash, "value", params_hash) == record["card"]["params_hash"])
 
 
+def dvc_changed(params: Params) -> set[str] | None:
+    """The DVC stage names `dvc status` reports as not up to date (changed deps, params, outs or command); None
+    when DVC does not own the project or cannot answer."""
+    dvc = dvc_executable()
+    if dvc is None or not _owned_by_dvc(params):
+        return None
+    try:
+        proc = subprocess.run([dvc, "status", "--json", "--quiet"], cwd=params.root, env=_dvc_env(),
+                              capture_output=True, text=True, timeout=600)
+        status = json.loads(proc.stdout or "{}")
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    if proc.returncode not in (0, 1) or not isinstance(status, dict):
+        return None
+    return {name.split(":")[-1] for name in status}  # "dvc.yaml:train" in some versions
+
+
+_ASKED: dict[Path, frozenset] = {}  # per project: the candidates (stage, card, data version) dvc status last saw
+
+
+def restored_records(params: Params, stages: list[Stage]) -> list[Stage]:
+    """Write a run record (door "dvc") for each of `stages` whose outputs DVC put in place without the stage
+    running, so both other doors see them: `dvc repro` restoring them from its run cache (params set back to
+    values already run), or `dvc checkout` after a `git checkout`. A stage qualifies when all its outputs exist
+    and `dvc status` finds it up to date, that is, its outputs are those dvc.lock names for its current deps and
+    params. The figures of the run that made them are kept only when the last record saw these very files (same
+    data version); otherwise the record has none, and says so. Returns the stages recorded."""
+    candidates = [stage for stage in stages if all(params.path(key).exists() for key in stage.outputs)]
+    state = frozenset((stage.name, json.dumps(stage_card(params, stage), sort_keys=True),
+                       current_version(stage.asset, params)) for stage in candidates)
+    if not candidates or _ASKED.get(params.root) == state:  # `dvc status` (seconds) already said no to these
+        return []
+    changed = dvc_changed(params)
+    if changed is None:
+        return []
+    _ASKED[params.root] = state
+    written = []
+    for stage in candidates:
+        if stage.dvc_name in changed:
+            continue
+        card = stage_card(params, stage)
+        previous = records.read(stage, params) or {}
+        same_files = previous.get("data_version") == current_version(stage.asset, params)
+        metrics = dict(previous.get("metrics", {})) if same_files else {
+            "restored_by_dvc": "DVC restored these outputs (run cache or dvc checkout); the figures of the run that "
+                               "made them are in its metrics files, not in this record"}
+        outputs = {key: params.path(key) for key in stage.outputs}
+        records.write(stage, params, StageResult(stage.name, outputs, metrics), card, door="dvc")
+        written.append(stage)
+    return written
+
+
 def pending(instance: dg.DagsterInstance, params: Params) -> list[tuple[Stage, dict[str, Any]]]:
-    """(stage, record) of every output that is up to date per its run record but not yet seen by Dagster."""
+    """(stage, record) of every output that is up to date per its run record but not yet seen by Dagster. Outputs
+    with no current record that DVC says are up to date get one first (restored_records)."""
+    cards = {stage.name: stage_card(params, stage) for stage in STAGES}
+    unrecorded = [stage for stage in STAGES if records.current(stage, params, cards[stage.name]) is None]
+    if unrecorded:
+        restored_records(params, unrecorded)
     out = []
     for stage in STAGES:
-        card = stage_card(params, stage)
-        record = records.current(stage, params, card)
+        record = records.current(stage, params, cards[stage.name])
         if record is not None and not _seen(instance, stage, record):
             out.append((stage, record))
     return out

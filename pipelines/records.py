@@ -12,6 +12,9 @@ record into the stage's first output folder:
   (timings included: they live here, never in the versioned files, so a rebuild with the same result does not
   change the output's hash).
 
+Outputs that DVC puts in place without running the stage (its run cache, `dvc checkout`) get their record from
+assets.sync (door "dvc") once `dvc status` finds the stage up to date.
+
 `.run.json` is in .dvcignore: DVC neither hashes nor caches it, so writing it never makes an output look changed
 to `dvc status`. A record is `current` when its card equals the card the stage would have now and the output
 still has the data version it recorded: then the output is up to date whichever door made it, and the other door
@@ -35,7 +38,7 @@ from pipelines.versions import current_version
 log = logging.getLogger(__name__)
 
 RECORD = RUN_RECORD
-DOORS = ("cli", "dagster")
+DOORS = ("cli", "dagster", "dvc")  # dvc: outputs DVC restored without running the stage (assets.sync)
 
 
 def record_path(stage: Stage, params: Params) -> Path:

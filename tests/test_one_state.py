@@ -167,3 +167,39 @@ def test_a_record_is_not_current_once_its_output_changes(tmp_path, tiny_model_di
     victim = versioned_files(stage.asset, params)[0]
     victim.write_text(victim.read_text() + "\n")  # same rows, other bytes
     assert records.current(stage, params, card) is None
+
+
+def test_outputs_dvc_restores_from_its_run_cache_are_shown_too(tmp_path_factory, tiny_model_dir) -> None:
+    """A params value set back to one already run: `dvc repro` restores the outputs from its run cache without
+    running the stage, so no run record is written; sync asks `dvc status`, records them (door "dvc") and reports
+    them, and the Dagster door then skips the stage too."""
+    import yaml
+
+    from assets import sync
+    from pipelines import records
+    from pipelines.config import load_params
+    from pipelines.versions import current_version, stage_card
+
+    root, env = _project(tmp_path_factory, tiny_model_dir)
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    run([dvc_executable(), "repro", "split"], root, env)
+    changed = yaml.safe_load(original)
+    changed["clean"]["near_dup_threshold"] = 0.9
+    params_file.write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert {"clean"} <= ran_stages(run([dvc_executable(), "repro", "split"], root, env))
+    params_file.write_text(original)
+    restored = run([dvc_executable(), "repro", "split"], root, env)
+    assert "clean" not in ran_stages(restored), restored  # restored from the run cache, not run
+    params = load_params(params_file)
+    clean = BY_ASSET["cleaned_examples"]
+    assert records.current(clean, params, stage_card(params, clean)) is None  # the record is the 0.9 run's
+
+    with dg.instance_for_test() as instance:
+        reported = sync.sync(instance, params, run_checks=False)
+        assert "cleaned_examples" in reported
+        record = records.current(clean, params, stage_card(params, clean))
+        assert record is not None and record["door"] == "dvc"
+        event = instance.get_latest_materialization_event(dg.AssetKey("cleaned_examples")).asset_materialization
+        assert event.tags["dagster/data_version"] == current_version("cleaned_examples", params)
+        assert sync.sync(instance, params, run_checks=False) == []  # reported once

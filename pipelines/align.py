@@ -322,7 +322,6 @@ def _skip(params: Params, reason: str, figures: dict[str, Any]) -> StageResult:
     out = claim_output(params, "aligned_adapter")
     record = {"skipped": True, "reason": reason, "method": params.align.method, **figures}
     with atomic_dir(out, "aligned_adapter") as tmp:
-        tmp.chmod(0o755)
         write_json(tmp / SKIPPED, record)
         (tmp / "README.md").write_text(f"# No preference tuning\n\n{reason}\n\nThe SFT adapter is the final one.\n",
                                        encoding="utf-8")
@@ -464,7 +463,6 @@ def _train(params: Params, env: TrainEnv, on_log: OnLog | None, started: float, 
         "versions": library_versions(), "metrics": metrics,
     }
     with atomic_dir(out, "aligned_adapter") as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
                 shutil.move(str(item), tmp / item.name)

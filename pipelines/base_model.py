@@ -226,7 +226,6 @@ def run(params: Params) -> StageResult:
         return StageResult("fetch-model", {"base_model": out}, {**source, **facts, "cached": True})
     claim_output(params, "base_model")
     with atomic_dir(out, "base_model") as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is read by other users (containers, DVC)
         if cfg.source == "gguf_package":
             convert_gguf(locate_gguf(cfg.name), tmp)
         elif cfg.source == "hub":

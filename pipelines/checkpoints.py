@@ -247,7 +247,6 @@ def completed_run(run_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
 def restore_completed(run_dir: Path, out: Path, owner: str) -> None:
     """Write the recorded finished output (<run dir>/completed) to `out` (paths.<owner>), atomically."""
     with atomic_dir(out, owner) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         shutil.copytree(run_dir / COMPLETED, tmp, dirs_exist_ok=True)
     log.info("'%s' is the output of this finished run (%s), copied from '%s' without training again", out,
              run_dir.name, run_dir / COMPLETED)

@@ -440,16 +440,16 @@ def similar_pairs(lines: Sequence[str], threshold: float, num_perm: int = 128, s
     similar: their Jaccard once the template text both contain (template_lines) is set aside, verified
     exactly. jaccard is the whole-text Jaccard.
 
-    The second test is a veto: two rows that share one long system prompt or an instruction template but
-    differ in their own question and answer (own Jaccard near 0) are not duplicates, however similar the
-    whole texts. Template text is whole lines (template_lines) and, inside a line, the word shingles that
-    template_shingles finds in many rows (an instruction and its question on one line); both are set aside
-    only where the two rows share them. The bar is a fraction of the threshold because setting aside shared text also shortens
-    the texts, and on short texts one different word costs `shingle_size` shingles: the same ticket with
-    another greeting scores ~0.8 on its own content against 0.88 whole, variants of one tool-call dialogue
-    ~0.58 against 0.62. The veto only removes pairs, so leaving template text out never makes two rows
-    duplicates; and a pair at a higher threshold meets the bar of any lower one, so the split's groups
-    (split.group_threshold) still hold every pair its leakage check looks for. Sorted by (i, j).
+    The second test is a veto: two rows that share one long system prompt or an instruction template but differ in
+    their own question and answer (own Jaccard near 0) are not duplicates, however similar the whole texts. Template
+    text is whole lines (template_lines) and, inside a line, the word shingles that template_shingles finds in many
+    rows (an instruction and its question on one line); both are set aside only where the two rows share them. The
+    bar is a fraction of the threshold because setting aside shared text also shortens the texts, and on short texts
+    one different word costs `shingle_size` shingles: the same ticket with another greeting scores ~0.8 on its own
+    content against 0.88 whole, variants of one tool-call dialogue ~0.58 against 0.62. The veto only removes pairs,
+    so leaving template text out never makes two rows duplicates; and a pair at a higher threshold meets the bar of
+    any lower one, so the split's groups (split.group_threshold) still hold every pair its leakage check looks for.
+    Sorted by (i, j).
     """
     wholes = [whole_text(form) for form in lines]
     pairs = near_duplicate_pairs(wholes, threshold, num_perm, shingle_size)

@@ -240,7 +240,6 @@ def run(params: Params) -> StageResult:
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     with atomic_dir(out, "gguf") as tmp:
-        tmp.chmod(0o755)
         t = time.perf_counter()
         float_file = convert(llama, merged_dir, tmp / f"model-{cfg.float_type}.gguf", cfg.float_type)
         seconds["convert"] = round(time.perf_counter() - t, 2)

@@ -300,6 +300,19 @@ def _environment_error(exc: OSError, target: Path) -> StageError:
                       f"{advice} and rerun")
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
@@ -311,6 +324,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
+        tmp_path.chmod(0o666 & ~umask())  # mkstemp makes it owner-only; an output has the mode open() would give
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
@@ -377,6 +391,7 @@ def atomic_dir(path: str | Path, owner: str) -> Iterator[Path]:
             os.replace(old, path)  # a previous run died between the two renames below
         _remove_stale_temps(path)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it owner-only; outputs are read by other users (a team, DVC)
         yield tmp
         (tmp / MARKER).write_text(_marker(owner), encoding="utf-8")
         check()  # the folder may have changed while the stage worked (hours, for training)

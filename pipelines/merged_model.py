@@ -195,7 +195,6 @@ def run(params: Params) -> StageResult:
     promoted = read_json(adapter_dir / PROMOTED_MANIFEST) if (adapter_dir / PROMOTED_MANIFEST).exists() else {}
     base_source = read_json(base_dir / "source.json") if (base_dir / "source.json").exists() else {}
     with atomic_dir(out, "merged") as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         model.generation_config.eos_token_id = stops  # the end-of-turn token and the EOS: every engine stops
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

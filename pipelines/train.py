@@ -432,7 +432,6 @@ def train_in_process(params: Params, env: TrainEnv, on_log: OnLog | None) -> Sta
     }
     out = params.path("adapter")
     with atomic_dir(out, "adapter") as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         for item in staging.iterdir():
             if item.suffix not in (".bin", ".pt", ".pth"):  # training_args.bin is a pickle: never shipped
                 shutil.move(str(item), tmp / item.name)

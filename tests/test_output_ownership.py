@@ -199,3 +199,23 @@ def test_every_output_key_has_an_owner():
     written = set(PathsConfig.model_fields) - {"raw_dir", "checkpoints", "align_checkpoints"}
     assert written == set(io.OUTPUTS) | set(io.FILE_OUTPUTS)
     assert os.path.basename(MARKER).startswith(".")
+
+
+# ------------------------------------------------------------------------------------------ modes of outputs
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_the_umask_gives_not_owner_only(tmp_path, mask):
+    """mkdtemp / mkstemp make owner-only (0700 / 0600) temporaries; an output folder or file written through them
+    gets what mkdir / open would give under the umask, so a team member (or a container user) can read it."""
+    previous = os.umask(mask)
+    try:
+        assert io.umask() == mask
+        with atomic_dir(tmp_path / "cleaned", "cleaned") as tmp:
+            (tmp / "rows.jsonl").write_text("{}\n")
+        with io.atomic_open(tmp_path / "cleaned" / "report.json") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "cleaned").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "cleaned" / "report.json").stat().st_mode & 0o777 == 0o666 & ~mask

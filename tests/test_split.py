@@ -257,7 +257,7 @@ def test_rows_that_share_a_template_inside_one_line_form_one_group_each():
     template = ("Read the customer's message below and answer it politely in one or two sentences, without promising "
                 "refunds or dates, and sign it as the support team. The message:")
     rows = [_row(i, f"{template} {_text(rng, 3)}") for i in range(20)]
-    for i, row in enumerate(rows):
+    for row in rows:
         row["messages"][1]["content"] = _text(rng, 2)
     cfg = SplitConfig(train=0.85, validation=0.05, test=0.1)
     assert len(set(cluster([conversation_text(r) for r in rows], cfg.group_threshold))) < 20  # the fault

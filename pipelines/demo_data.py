@@ -12,9 +12,11 @@ malformed JSONL.
 
 A fourth file, tickets_preferences.jsonl, holds preference pairs for the same task on other tickets (TRL's
 conversational format: prompt, chosen, rejected): chosen is the right answer, rejected a realistic mistake
-(MISTAKES: the neighbouring priority, a confusable category, prose or fenced JSON instead of bare JSON), so that
-preference tuning has something measurable to fix on top of SFT. A few pairs are broken on purpose (identical
-sides, an empty side, no prompt) for the preference-data stage's quarantine.
+(MISTAKES: the neighbouring priority, a confusable category, prose or fenced JSON instead of bare JSON); a quarter
+are the SFT model's own failures (HARD_CUES: two low-priority sentences it reads as medium) and a quarter their
+contrast (a medium sentence, "low" rejected), so that preference tuning has something measurable to fix on top of
+SFT. A few pairs are broken on purpose (identical sides, an empty side, no prompt) for the preference-data stage's
+quarantine.
 Same seed, same bytes.
 """
 
@@ -208,17 +210,21 @@ def _pii_sentences(category: str, rng: random.Random) -> list[str]:
     return sentences
 
 
-def make_ticket(rng: random.Random, ticket_id: str) -> Ticket:
+def make_ticket(rng: random.Random, ticket_id: str, cue: str | None = None) -> Ticket:
+    """A fresh ticket; `cue` (one of PRIORITY_CUES) fixes its urgency sentence and so its priority."""
     category = rng.choice(CATEGORIES)
     weights = {p: w for p, w in PRIORITY_WEIGHTS.items() if not (category == "feature_request" and p == "urgent")}
-    priority = rng.choices(list(weights), weights=list(weights.values()))[0]
+    if cue is None:
+        priority = rng.choices(list(weights), weights=list(weights.values()))[0]
+    else:
+        priority = next(p for p, cues in PRIORITY_CUES.items() if cue in cues)
     subject, problem = rng.choice(PROBLEMS[category])
     if priority == "urgent" and rng.random() < 0.5:
         subject = f"URGENT: {subject}"
     slots = _slots(rng)
     middle = [problem.format(**slots), rng.choice(DETAILS).format(**slots), *_pii_sentences(category, rng)]
     middle = [s for s in middle if s]
-    cue = rng.choice(PRIORITY_CUES[priority])
+    cue = cue if cue is not None else rng.choice(PRIORITY_CUES[priority])
     middle.insert(rng.randint(1, len(middle)), cue)  # the cue never comes first: the problem does
     opener, sign_off = rng.choice(OPENERS), rng.choice(SIGN_OFFS).format(**slots)
     body = "\n".join(part for part in (opener, " ".join(middle), sign_off) if part)
@@ -365,7 +371,18 @@ PROSE = ["This looks like a {category} issue with {priority} priority.",
          "Category: {category}. Priority: {priority}.",
          "I would file this under {category} and treat it as {priority} priority.",
          "The customer has a {category} problem; priority {priority}."]
-N_PREFERENCE_PROMPTS = 720  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
+N_PREFERENCE_PROMPTS = 960  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
+# Pairs mined from the SFT model's failures, as a team reviewing its model's answers would collect them. Measured on
+# the demo's SFT adapter (python -m pipelines train on the bundled defaults; summed log-likelihood of chosen vs
+# rejected over the 680 pairs of the earlier preference file, MISTAKES alone): it preferred the right answer on 92-100%
+# of the pairs for every urgency sentence but two low ones, which it reads as medium: "Whenever you have time." (12 of
+# 28 pairs right) and "It can wait until next month." (16 of 33); those two gave most of its 44 wrong pairs.
+# A SFT_ERROR_SHARE of the prompts carry one of them, rejected "medium"; as many carry a medium sentence with "low"
+# rejected (CONTRAST_SHARE), so that the pairs teach which sentence means low, not "low beats medium": without them,
+# DPO on the demo moved priority accuracy on the SFT test split from 0.90 to 0.51 (exact match 0.870 -> 0.491).
+HARD_CUES = {"Whenever you have time.": "medium", "It can wait until next month.": "medium"}
+SFT_ERROR_SHARE = 0.25
+CONTRAST_SHARE = 0.25
 
 
 def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:
@@ -382,20 +399,31 @@ def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:
 
 
 def preference_rows(seed: int = 0, n_prompts: int = N_PREFERENCE_PROMPTS) -> list[dict]:
-    """One pair per fresh ticket (ids T-2xxxx, drawn from their own seeded stream), plus four broken pairs."""
+    """One pair per fresh ticket (ids T-2xxxx, drawn from their own seeded stream), plus four broken pairs.
+
+    A SFT_ERROR_SHARE of the tickets carry an urgency sentence the demo's SFT model misreads (HARD_CUES, marked
+    "mined": "sft_error") with its wrong answer as the rejected side, a CONTRAST_SHARE a medium sentence with "low"
+    rejected ("mined": "contrast"); the rest draw their mistake from MISTAKES ("mined": null)."""
     rng = random.Random(seed + 17)
     rows = []
     for i in range(n_prompts):
-        t = make_ticket(rng, f"T-{20_000 + i}")
+        draw = rng.random()
+        mined = "sft_error" if draw < SFT_ERROR_SHARE else "contrast" if draw < SFT_ERROR_SHARE + CONTRAST_SHARE \
+            else None
+        cue = rng.choice(sorted(HARD_CUES)) if mined == "sft_error" \
+            else rng.choice(PRIORITY_CUES["medium"]) if mined == "contrast" else None
+        t = make_ticket(rng, f"T-{20_000 + i}", cue=cue)
         if rng.random() < 0.08:
             t = _as_html(t, rng)
         elif rng.random() < 0.05:
             t = _unicode_oddities(t, rng)
-        mistake = rng.choices(list(MISTAKES), weights=list(MISTAKES.values()))[0]
+        mistake = "priority" if mined else rng.choices(list(MISTAKES), weights=list(MISTAKES.values()))[0]
+        rejected = answer(t.category, HARD_CUES[cue]) if mined == "sft_error" \
+            else answer(t.category, "low") if mined == "contrast" else rejected_answer(t, mistake, rng)
         prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t.text}]
-        rows.append({"ticket_id": t.ticket_id, "mistake": mistake, "prompt": prompt,
+        rows.append({"ticket_id": t.ticket_id, "mistake": mistake, "mined": mined, "prompt": prompt,
                      "chosen": [{"role": "assistant", "content": t.answer}],
-                     "rejected": [{"role": "assistant", "content": rejected_answer(t, mistake, rng)}]})
+                     "rejected": [{"role": "assistant", "content": rejected}]})
     broken = [dict(rows[k]) for k in (3, 50, 100, 150)]
     broken[0]["rejected"] = broken[0]["chosen"]  # identical sides
     broken[1]["rejected"] = broken[1]["chosen"]

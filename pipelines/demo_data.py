@@ -12,11 +12,10 @@ malformed JSONL.
 
 A fourth file, tickets_preferences.jsonl, holds preference pairs for the same task on other tickets (TRL's
 conversational format: prompt, chosen, rejected): chosen is the right answer, rejected a realistic mistake
-(MISTAKES: the neighbouring priority, a confusable category, prose or fenced JSON instead of bare JSON); a quarter
-are the SFT model's own failures (HARD_CUES: two low-priority sentences it reads as medium) and a quarter their
-contrast (a medium sentence, "low" rejected), so that preference tuning has something measurable to fix on top of
-SFT. A few pairs are broken on purpose (identical sides, an empty side, no prompt) for the preference-data stage's
-quarantine.
+(MISTAKES: the neighbouring priority, a confusable category, prose or fenced JSON instead of bare JSON); 30% are
+SFT models' own failures (HARD_CUES: low and high sentences they read as medium) and 20% their contrast (a medium
+sentence, a neighbour rejected), so that preference tuning has something measurable to fix on top of SFT. A few
+pairs are broken on purpose (identical sides, an empty side, no prompt) for the preference-data stage's quarantine.
 Same seed, same bytes.
 """
 
@@ -371,18 +370,21 @@ PROSE = ["This looks like a {category} issue with {priority} priority.",
          "Category: {category}. Priority: {priority}.",
          "I would file this under {category} and treat it as {priority} priority.",
          "The customer has a {category} problem; priority {priority}."]
-N_PREFERENCE_PROMPTS = 960  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
-# Pairs mined from the SFT model's failures, as a team reviewing its model's answers would collect them. Measured on
-# the demo's SFT adapter (python -m pipelines train on the bundled defaults; summed log-likelihood of chosen vs
-# rejected over the 680 pairs of the earlier preference file, MISTAKES alone): it preferred the right answer on 92-100%
-# of the pairs for every urgency sentence but two low ones, which it reads as medium: "Whenever you have time." (12 of
-# 28 pairs right) and "It can wait until next month." (16 of 33); those two gave most of its 44 wrong pairs.
-# A SFT_ERROR_SHARE of the prompts carry one of them, rejected "medium"; as many carry a medium sentence with "low"
-# rejected (CONTRAST_SHARE), so that the pairs teach which sentence means low, not "low beats medium": without them,
+N_PREFERENCE_PROMPTS = 1440  # one pair per prompt: the bootstrap over held-out pairs then resamples independent units
+# Pairs mined from SFT models' failures, as a team reviewing its model's answers would collect them. Measured on two
+# trainings of the demo's SFT adapter (the bundled defaults before and after a change of the split's grouping moved
+# 8 of 920 training rows): the first preferred the right answer on 92-100% of the earlier preference file's pairs
+# for every urgency sentence but two low ones, which it read as medium ("Whenever you have time.": 12 of 28 pairs
+# right; "It can wait until next month.": 16 of 33); the second, on the SFT test split, read three high sentences as
+# medium (12 of its 20 wrong answers). HARD_CUES maps each to the answer those models gave. A SFT_ERROR_SHARE of the
+# prompts carry one of them with that answer rejected; a CONTRAST_SHARE carry a medium sentence with a neighbour
+# (low or high) rejected, so that the pairs teach which sentence means what, not "low beats medium": without them,
 # DPO on the demo moved priority accuracy on the SFT test split from 0.90 to 0.51 (exact match 0.870 -> 0.491).
-HARD_CUES = {"Whenever you have time.": "medium", "It can wait until next month.": "medium"}
-SFT_ERROR_SHARE = 0.25
-CONTRAST_SHARE = 0.25
+HARD_CUES = {"Whenever you have time.": "medium", "It can wait until next month.": "medium",
+             "I need this fixed today, please.": "medium", "This is blocking my work today.": "medium",
+             "Our team cannot work until this is resolved.": "medium"}
+SFT_ERROR_SHARE = 0.3
+CONTRAST_SHARE = 0.2
 
 
 def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:
@@ -401,9 +403,9 @@ def rejected_answer(t: Ticket, mistake: str, rng: random.Random) -> str:
 def preference_rows(seed: int = 0, n_prompts: int = N_PREFERENCE_PROMPTS) -> list[dict]:
     """One pair per fresh ticket (ids T-2xxxx, drawn from their own seeded stream), plus four broken pairs.
 
-    A SFT_ERROR_SHARE of the tickets carry an urgency sentence the demo's SFT model misreads (HARD_CUES, marked
-    "mined": "sft_error") with its wrong answer as the rejected side, a CONTRAST_SHARE a medium sentence with "low"
-    rejected ("mined": "contrast"); the rest draw their mistake from MISTAKES ("mined": null)."""
+    A SFT_ERROR_SHARE of the tickets carry an urgency sentence the demo's SFT models misread (HARD_CUES, marked
+    "mined": "sft_error") with their wrong answer as the rejected side, a CONTRAST_SHARE a medium sentence with a
+    neighbouring priority rejected ("mined": "contrast"); the rest draw their mistake from MISTAKES ("mined": null)."""
     rng = random.Random(seed + 17)
     rows = []
     for i in range(n_prompts):
@@ -419,7 +421,8 @@ def preference_rows(seed: int = 0, n_prompts: int = N_PREFERENCE_PROMPTS) -> lis
             t = _unicode_oddities(t, rng)
         mistake = "priority" if mined else rng.choices(list(MISTAKES), weights=list(MISTAKES.values()))[0]
         rejected = answer(t.category, HARD_CUES[cue]) if mined == "sft_error" \
-            else answer(t.category, "low") if mined == "contrast" else rejected_answer(t, mistake, rng)
+            else answer(t.category, rng.choice(NEIGHBOURS["medium"])) if mined == "contrast" \
+            else rejected_answer(t, mistake, rng)
         prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t.text}]
         rows.append({"ticket_id": t.ticket_id, "mistake": mistake, "mined": mined, "prompt": prompt,
                      "chosen": [{"role": "assistant", "content": t.answer}],

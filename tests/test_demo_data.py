@@ -198,28 +198,28 @@ def test_each_file_is_non_trivial(files, name):
 
 def test_preference_pairs_prefer_the_right_answer_over_realistic_mistakes():
     """One pair per fresh ticket: chosen is the ticket's label as bare JSON; rejected is its kind of mistake (the
-    neighbouring priority, a confusable category, prose, fenced JSON); four pairs are broken on purpose. A quarter
-    are the SFT model's measured failures (a low sentence it reads as medium) and a quarter their contrast."""
+    neighbouring priority, a confusable category, prose, fenced JSON); four pairs are broken on purpose. 30%
+    are SFT models' measured failures (a sentence they read as medium) and a fifth their contrast."""
     text = demo_data.render_preference_file(0)
     assert text == demo_data.render_preference_file(0) != demo_data.render_preference_file(1)
-    assert len(text.encode()) < 700_000  # commit-sized
+    assert len(text.encode()) < 1_100_000  # commit-sized
     rows = [json.loads(line) for line in text.splitlines()]
     good = [r for r in rows if not r["ticket_id"].endswith("-broken")]
     assert len(good) == demo_data.N_PREFERENCE_PROMPTS and len(rows) == len(good) + 4
     assert not {r["ticket_id"] for r in good} & {f"T-{10_000 + i}" for i in range(1080)}  # not the SFT tickets
     kinds = Counter(r["mistake"] for r in good)
-    assert set(kinds) == set(demo_data.MISTAKES) and min(kinds.values()) > 0.02 * len(good)
+    assert set(kinds) == set(demo_data.MISTAKES) and min(kinds.values()) > 0.01 * len(good)
     mined = Counter(r["mined"] for r in good)
     assert set(mined) == {"sft_error", "contrast", None}
-    assert abs(mined["sft_error"] - 240) < 40 and abs(mined["contrast"] - 240) < 40  # 25% each of 960
+    assert abs(mined["sft_error"] - 432) < 50 and abs(mined["contrast"] - 288) < 50  # 30% and 20% of 1440
     for r in good:
         user, chosen, rejected = r["prompt"][1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]
         if r["mined"] == "sft_error":
-            assert any(cue in user for cue in demo_data.HARD_CUES)
-            assert (json.loads(chosen)["priority"], json.loads(rejected)["priority"]) == ("low", "medium")
+            [cue] = [cue for cue in demo_data.HARD_CUES if cue in user]
+            assert json.loads(rejected)["priority"] == demo_data.HARD_CUES[cue] != json.loads(chosen)["priority"]
         elif r["mined"] == "contrast":
             assert any(cue in user for cue in demo_data.PRIORITY_CUES["medium"])
-            assert (json.loads(chosen)["priority"], json.loads(rejected)["priority"]) == ("medium", "low")
+            assert json.loads(chosen)["priority"] == "medium" and json.loads(rejected)["priority"] in ("low", "high")
     for r in good:
         system, user = r["prompt"]
         assert system == {"role": "system", "content": demo_data.SYSTEM} and user["role"] == "user"

@@ -864,7 +864,7 @@ class AlignConfig(_Section):
     It continues the SFT adapter (paths.adapter); with DPO and KTO the reference model is the SFT model."""
 
     method: Literal["dpo", "kto", "orpo", "simpo", "none"] = Field(
-        "none",
+        "dpo",
         description="dpo: pairs (chosen vs rejected) against the SFT model as reference; kto: unpaired desirable / "
         "undesirable rows (pairs are split into one of each); orpo, simpo: reference-free pair losses "
         "(trl.experimental); none: no preference tuning, the SFT adapter is the final one.",
@@ -903,7 +903,7 @@ class AlignConfig(_Section):
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored if max_steps > 0).")
-    max_steps: int = Field(40, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
+    max_steps: int = Field(50, ge=-1, description="Stop after this many optimizer steps; -1: use epochs.")
     eval_steps: int = Field(10, ge=1, description="Evaluate on the validation pairs every N steps.")
     save_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (resume point after a crash).")
     early_stopping_patience: int = Field(3, ge=0, description="Stop after N evaluations without improvement; 0: off.")

@@ -121,16 +121,18 @@ def dvc_changed(params: Params) -> set[str] | None:
 _ASKED: dict[Path, frozenset] = {}  # per project: the candidates (stage, card, data version) dvc status last saw
 
 
-def restored_records(params: Params, stages: list[Stage]) -> list[Stage]:
+def restored_records(params: Params, stages: list[Stage], cards: dict[str, dict[str, Any]]) -> list[Stage]:
     """Write a run record (door "dvc") for each of `stages` whose outputs DVC put in place without the stage
     running, so both other doors see them: `dvc repro` restoring them from its run cache (params set back to
     values already run), or `dvc checkout` after a `git checkout`. A stage qualifies when all its outputs exist
     and `dvc status` finds it up to date, that is, its outputs are those dvc.lock names for its current deps and
     params. The figures of the run that made them are kept only when the last record saw these very files (same
-    data version); otherwise the record has none, and says so. Returns the stages recorded."""
+    data version); otherwise the record has none, and says so. `cards`: stage_card of each stage, by name.
+    Returns the stages recorded."""
     candidates = [stage for stage in stages if all(params.path(key).exists() for key in stage.outputs)]
-    state = frozenset((stage.name, json.dumps(stage_card(params, stage), sort_keys=True),
-                       current_version(stage.asset, params)) for stage in candidates)
+    versions = {stage.name: current_version(stage.asset, params) for stage in candidates}
+    state = frozenset((stage.name, json.dumps(cards[stage.name], sort_keys=True), versions[stage.name])
+                      for stage in candidates)
     if not candidates or _ASKED.get(params.root) == state:  # `dvc status` (seconds) already said no to these
         return []
     changed = dvc_changed(params)
@@ -141,14 +143,13 @@ def restored_records(params: Params, stages: list[Stage]) -> list[Stage]:
     for stage in candidates:
         if stage.dvc_name in changed:
             continue
-        card = stage_card(params, stage)
         previous = records.read(stage, params) or {}
-        same_files = previous.get("data_version") == current_version(stage.asset, params)
+        same_files = previous.get("data_version") == versions[stage.name]
         metrics = dict(previous.get("metrics", {})) if same_files else {
             "restored_by_dvc": "DVC restored these outputs (run cache or dvc checkout); the figures of the run that "
                                "made them are in its metrics files, not in this record"}
         outputs = {key: params.path(key) for key in stage.outputs}
-        records.write(stage, params, StageResult(stage.name, outputs, metrics), card, door="dvc")
+        records.write(stage, params, StageResult(stage.name, outputs, metrics), cards[stage.name], door="dvc")
         written.append(stage)
     return written
 
@@ -159,7 +160,7 @@ def pending(instance: dg.DagsterInstance, params: Params) -> list[tuple[Stage, d
     cards = {stage.name: stage_card(params, stage) for stage in STAGES}
     unrecorded = [stage for stage in STAGES if records.current(stage, params, cards[stage.name]) is None]
     if unrecorded:
-        restored_records(params, unrecorded)
+        restored_records(params, unrecorded, cards)
     out = []
     for stage in STAGES:
         record = records.current(stage, params, cards[stage.name])
